@@ -1,0 +1,18 @@
+"""Celery tasks of the inbound side. Each loads ids and calls the router."""
+
+from celery import shared_task
+
+from events import router
+from portal.conf import portal_setting
+
+
+@shared_task(name="events.tasks.route_batch")
+def route_batch(batch_id: int) -> None:
+    router.route_batch(batch_id)
+
+
+@shared_task(name="events.tasks.sweep_unrouted_batches")
+def sweep_unrouted_batches() -> None:
+    """Queue routing again for batches whose task was lost (a broker restart, say)."""
+    for batch_id in router.sweep_unrouted(portal_setting("ROUTING_GRACE_SECONDS")):
+        route_batch.delay(batch_id)

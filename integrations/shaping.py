@@ -1,0 +1,345 @@
+"""Turning one mParticle batch into what one Qualtrics connection receives.
+
+Shaping is pure: plain data in, plain data out, no database, network or
+clock. The steps are
+
+1. decide for every event (and every GDPR or CCPA consent notification)
+   whether the connection receives it, or why not;
+2. apply the connection's settings to the batch envelope and to each event;
+3. encode the result into POST bodies of at most `max_bytes` each.
+
+Matching rules, all exact and case-sensitive:
+
+- An event is routed when its route type (its `event_type`, or `other` for a
+  type outside mParticle's sixteen) is in the connection's routing, its type
+  is not switched off by a setting (Send Crash Events, Send Network
+  Performance Events, Include User Attribute Change Events, Include User
+  Identity Change Events, Send Validation Results and Send Alias Requests),
+  and, for a `custom_event`, its `event_name` and `custom_event_type` are
+  strings in the connection's allowlists when those are set.
+- A connection limited to one environment receives only batches whose
+  `environment` is exactly that value; a batch without one matches only
+  connections that take both.
+- A consent notification is kept when its type is in the routing and
+  dropped from the envelope otherwise; other notifications are kept.
+- A batch that arrived with no events is sent, as received with its settings
+  applied, when Send Batches without Events is on.
+- A body with `request_type: "alias"` is an alias request: it is sent, as
+  received, only when Send Alias Requests is on.
+"""
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from events.event_types import RouteType, route_type_of_event, route_type_of_notification
+from integrations import jsontext
+
+# Event types switched off by a connection setting unless it is on.
+TYPE_TOGGLES = {
+    "crash_report": "send_crash_events",
+    "network_performance": "send_network_performance_events",
+    "user_attribute_change": "include_user_attribute_change_events",
+    "user_identity_change": "include_user_identity_change_events",
+    "validation_result": "send_validation_results",
+    "alias": "send_alias_requests",
+}
+METADATA_KEYS = ("application_info", "device_info", "source_info")
+
+
+@dataclass(frozen=True)
+class ShapingSettings:
+    """A connection's routing and mParticle settings, as plain values."""
+
+    event_types: frozenset[str] = frozenset()
+    include_mp_deviceid: bool = True
+    unique_id: str = ""
+    metadata_exclusions: tuple[str, ...] = ()
+    send_crash_events: bool = True
+    include_location: bool = True
+    send_network_performance_events: bool = True
+    include_metadata: bool = True
+    include_user_attribute_change_events: bool = False
+    include_user_identity_change_events: bool = False
+    send_batches_without_events: bool = True
+    include_event_batch_location: bool = False
+    send_alias_requests: bool = False
+    send_validation_results: bool = False
+    raw_data_feed: bool = False
+    custom_event_names: frozenset[str] = frozenset()
+    custom_event_types: frozenset[str] = frozenset()
+    environment: str = "both"
+
+
+@dataclass
+class ShapedEvent:
+    """One routed event with the connection's settings applied."""
+
+    index: int
+    route_type: str
+    event: Any
+    body: bytes = b""
+
+
+@dataclass
+class ShapedBatch:
+    """What one connection receives from one batch, and what it does not."""
+
+    envelope: dict[str, Any]
+    events: list[ShapedEvent] = field(default_factory=list)
+    notifications: list[Any] = field(default_factory=list)
+    filtered: Counter[str] = field(default_factory=Counter)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    send_without_events: bool = False
+
+    @property
+    def has_content(self) -> bool:
+        """Whether anything is to be sent: routed events, routed notifications, or an eventless batch."""
+        return bool(self.events or self.notifications or self.send_without_events)
+
+
+@dataclass
+class EncodedPayloads:
+    """POST bodies for a list of events, split so that each fits the size limit."""
+
+    bodies: list[tuple[bytes, list[ShapedEvent]]] = field(default_factory=list)
+    too_large: list[ShapedEvent] = field(default_factory=list)
+
+
+def is_alias_request(batch: Mapping[str, Any]) -> bool:
+    return batch.get("request_type") == "alias"
+
+
+def batch_events(batch: Mapping[str, Any]) -> list[Any]:
+    """Return the batch's events; a missing, null or non-list `events` means none."""
+    events = batch.get("events")
+    return events if isinstance(events, list) else []
+
+
+def device_key(batch: Mapping[str, Any]) -> str:
+    """Return the key that groups a device's events under Send as Batch: mp_deviceid, else mpid."""
+    for key in ("mp_deviceid", "mpid"):
+        value = batch.get(key)
+        if value is not None and value != "":
+            return f"{key}:{value}"
+    return "unknown"
+
+
+def filter_reason(event: Any, settings: ShapingSettings) -> str | None:
+    """Return why `event` is not routed to the connection, or None when it is."""
+    if not isinstance(event, Mapping):
+        return "event is not a JSON object"
+    event_type = event.get("event_type")
+    route_type = route_type_of_event(event_type)
+    if route_type not in settings.event_types:
+        return f"event type {route_type} not routed"
+    toggle = TYPE_TOGGLES.get(event_type) if isinstance(event_type, str) else None
+    if toggle and not getattr(settings, toggle):
+        return f"{toggle} is off"
+    if event_type == RouteType.CUSTOM_EVENT:
+        return _custom_event_filter_reason(event.get("data"), settings)
+    return None
+
+
+def _custom_event_filter_reason(data: Any, settings: ShapingSettings) -> str | None:
+    data = data if isinstance(data, Mapping) else {}
+    name = data.get("event_name")
+    if settings.custom_event_names and not (isinstance(name, str) and name in settings.custom_event_names):
+        return "custom event name not in allowlist"
+    kind = data.get("custom_event_type")
+    if settings.custom_event_types and not (isinstance(kind, str) and kind in settings.custom_event_types):
+        return "custom event type not in allowlist"
+    return None
+
+
+def environment_matches(batch: Mapping[str, Any], settings: ShapingSettings) -> bool:
+    return settings.environment == "both" or batch.get("environment") == settings.environment
+
+
+def shape_batch(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBatch:
+    """Route and shape one batch for one connection; never raises on any JSON object."""
+    events = batch_events(batch)
+    if is_alias_request(batch):
+        return _shape_alias_request(batch, settings)
+
+    envelope, notifications = shape_envelope(batch, settings)
+    shaped = ShapedBatch(envelope=envelope, notifications=notifications)
+    if not environment_matches(batch, settings):
+        shaped.notifications = []
+        shaped.filtered["environment does not match"] = len(events) or 1
+        return shaped
+
+    for index, event in enumerate(events):
+        reason = filter_reason(event, settings)
+        if reason:
+            shaped.filtered[reason] += 1
+            continue
+        shaped.events.append(ShapedEvent(index, route_type_of_event(event["event_type"]), shape_event(event, settings)))
+
+    if not events:
+        if settings.send_batches_without_events:
+            shaped.send_without_events = True
+        else:
+            shaped.filtered["send_batches_without_events is off"] += 1
+    return shaped
+
+
+def _shape_alias_request(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBatch:
+    shaped = ShapedBatch(envelope=dict(batch))
+    if not settings.send_alias_requests:
+        shaped.filtered["send_alias_requests is off"] += 1
+    elif not environment_matches(batch, settings):
+        shaped.filtered["environment does not match"] += 1
+    else:
+        shaped.send_without_events = True
+    return shaped
+
+
+def shape_envelope(batch: Mapping[str, Any], settings: ShapingSettings) -> tuple[dict[str, Any], list[Any]]:
+    """Apply the envelope settings; return the envelope and its routed consent notifications.
+
+    Keys keep their order; nested objects are copied before a key is removed,
+    so the input is never changed.
+    """
+    envelope = dict(batch)
+    if not settings.include_mp_deviceid:
+        envelope.pop("mp_deviceid", None)
+    if settings.unique_id:
+        envelope["unique_id"] = settings.unique_id
+    if not settings.include_metadata:
+        for key in METADATA_KEYS:
+            envelope.pop(key, None)
+    for path in settings.metadata_exclusions:
+        _remove_path(envelope, path.split("."))
+    if not settings.include_event_batch_location:
+        _remove_path(envelope, ["context", "location"])
+    if settings.raw_data_feed and "user_identities" in envelope:
+        envelope["user_identities"] = identities_as_map(envelope["user_identities"])
+
+    routed_notifications: list[Any] = []
+    notifications = envelope.get("system_notifications")
+    if isinstance(notifications, list):
+        kept = []
+        for notification in notifications:
+            route_type = route_type_of_notification(
+                notification.get("type") if isinstance(notification, Mapping) else None
+            )
+            if route_type is None:
+                kept.append(notification)
+            elif route_type in settings.event_types:
+                kept.append(notification)
+                routed_notifications.append(notification)
+        envelope["system_notifications"] = kept
+    return envelope, routed_notifications
+
+
+def shape_event(event: Mapping[str, Any], settings: ShapingSettings) -> dict[str, Any]:
+    shaped = dict(event)
+    if not settings.include_location:
+        _remove_path(shaped, ["data", "location"])
+    return shaped
+
+
+def identities_as_map(identities: Any) -> Any:
+    """Return outbound `user_identities` (a list of identity objects) as the inbound object map.
+
+    A map, null or any other value is returned unchanged. List entries
+    without a string `identity_type` cannot be keyed, so they are left out.
+    """
+    if not isinstance(identities, list):
+        return identities
+    mapped: dict[str, Any] = {}
+    for entry in identities:
+        if isinstance(entry, Mapping) and isinstance(entry.get("identity_type"), str):
+            mapped[entry["identity_type"]] = entry.get("identity")
+    return mapped
+
+
+def _remove_path(container: dict[str, Any], path: Sequence[str]) -> None:
+    """Remove the key at `path` in place, copying each nested object on the way down."""
+    head, *rest = path
+    if head not in container:
+        return
+    if not rest:
+        del container[head]
+        return
+    child = container[head]
+    if isinstance(child, Mapping) and rest[0] in child:
+        copy = dict(child)
+        _remove_path(copy, rest)
+        container[head] = copy
+
+
+def encode_events(events: Iterable[ShapedEvent]) -> tuple[list[ShapedEvent], list[tuple[ShapedEvent, str]]]:
+    """Encode each event's JSON; return the encoded events and those that cannot be encoded, with why."""
+    encoded: list[ShapedEvent] = []
+    failed: list[tuple[ShapedEvent, str]] = []
+    for shaped in events:
+        try:
+            shaped.body = jsontext.encode(shaped.event)
+        except (UnicodeEncodeError, TypeError, ValueError) as error:
+            failed.append((shaped, f"not representable as UTF-8 JSON: {error.__class__.__name__}"))
+            continue
+        encoded.append(shaped)
+    return encoded, failed
+
+
+def build_payloads(
+    envelope: Mapping[str, Any], events: Sequence[ShapedEvent], max_bytes: int, *, one_per_event: bool = False
+) -> EncodedPayloads:
+    """Join the envelope and encoded events into POST bodies of at most `max_bytes`.
+
+    Bodies split only between events, each a valid batch with the same
+    envelope. An event too large even alone lands in `too_large`. With
+    `one_per_event`, every event gets its own body. An empty `events` gives
+    one body with an empty events list. The envelope must encode (see
+    `encode_envelope_parts`).
+    """
+    prefix, suffix = encode_envelope_parts(envelope)
+    result = EncodedPayloads()
+    overhead = len(prefix) + len(suffix) + 2
+    if not events:
+        result.bodies.append((prefix + b"[]" + suffix, []))
+        return result
+
+    current: list[ShapedEvent] = []
+    size = overhead
+    for shaped in events:
+        if overhead + len(shaped.body) > max_bytes:
+            result.too_large.append(shaped)
+            continue
+        added = len(shaped.body) + (1 if current else 0)
+        if current and (one_per_event or size + added > max_bytes):
+            result.bodies.append((_join(prefix, current, suffix), current))
+            current, size, added = [], overhead, len(shaped.body)
+        current.append(shaped)
+        size += added
+    if current:
+        result.bodies.append((_join(prefix, current, suffix), current))
+    return result
+
+
+def _join(prefix: bytes, events: Sequence[ShapedEvent], suffix: bytes) -> bytes:
+    return prefix + b"[" + b",".join(shaped.body for shaped in events) + b"]" + suffix
+
+
+def encode_envelope_parts(envelope: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """Encode the envelope around its `events` list: the bytes before the list and after it.
+
+    The list goes where `events` stood in the received batch, or last when it
+    was absent. Raises UnicodeEncodeError when the envelope holds a lone surrogate.
+    """
+    marker = f"__portal_events_{uuid.uuid4().hex}__"
+    body = dict(envelope)
+    body["events"] = [marker]
+    encoded = jsontext.encode(body)
+    placeholder = b'["' + marker.encode("ascii") + b'"]'
+    prefix, _, suffix = encoded.partition(placeholder)
+    return prefix, suffix
+
+
+def encode_whole(envelope: Mapping[str, Any]) -> bytes:
+    """Encode a body sent as received apart from its settings: alias requests and eventless batches."""
+    return jsontext.encode(envelope)

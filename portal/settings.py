@@ -1,0 +1,236 @@
+"""Django settings for the portal.
+
+Every value comes from the environment (or a `.env` file beside `manage.py`)
+through django-environ, and every value has a default that runs a fresh
+checkout: SQLite in WAL mode and kombu's filesystem broker under `var/`.
+`DATABASE_URL` and `CELERY_BROKER_URL` switch to PostgreSQL and Redis.
+The README lists every variable.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+# Production mode turns on the deploy checks below and refuses to start
+# without the values that have no safe default.
+PRODUCTION = env.bool("PORTAL_PRODUCTION", default=False)
+DEBUG = env.bool("DJANGO_DEBUG", default=not PRODUCTION)
+
+_DEVELOPMENT_SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=_DEVELOPMENT_SECRET_KEY)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "events",
+    "integrations",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+WSGI_APPLICATION = "portal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: SQLite in WAL mode by default, so that the web server and the
+# workers can read while one of them writes. IMMEDIATE transactions take the
+# write lock at BEGIN, which avoids SQLite's "database is locked" upgrade
+# failures under concurrent writers.
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'portal.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+        }
+    )
+else:
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=BASE_DIR / "staticfiles")
+
+# Inbound bodies larger than Django's 2.5 MB default are normal for big
+# mParticle batches, so the limit is the portal's own (see PORTAL_MAX_BODY_BYTES).
+DATA_UPLOAD_MAX_MEMORY_SIZE = None
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.BasicAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "mParticle to Qualtrics portal API",
+    "DESCRIPTION": "Inbound mParticle batches and the management API for Qualtrics connections.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Celery. The default broker is kombu's filesystem transport, which needs no
+# server: messages are files under var/broker. Its polling interval bounds the
+# latency of every task, so it is short by default.
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _broker_dir = Path(env.str("PORTAL_FILESYSTEM_BROKER_DIR", default=str(VAR_DIR / "broker")))
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir),
+        "data_folder_out": str(_broker_dir),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+        "polling_interval": env.float("PORTAL_FILESYSTEM_BROKER_POLL_SECONDS", default=0.05),
+    }
+    for _folder in (_broker_dir, _broker_dir / "processed"):
+        _folder.mkdir(parents=True, exist_ok=True)
+elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # A task unacknowledged for this long is handed to another worker. The
+    # delivery state machine makes a second run harmless, so the value only
+    # bounds how long a killed worker's task waits.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)}
+
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE = {
+    "flush-due-windows": {
+        "task": "integrations.tasks.flush_due_windows",
+        "schedule": env.float("PORTAL_FLUSH_INTERVAL_SECONDS", default=5.0),
+    },
+    "sweep-deliveries": {
+        "task": "integrations.tasks.sweep_deliveries",
+        "schedule": env.float("PORTAL_SWEEP_INTERVAL_SECONDS", default=5.0),
+    },
+    "sweep-inbound-batches": {
+        "task": "events.tasks.sweep_unrouted_batches",
+        "schedule": env.float("PORTAL_SWEEP_INTERVAL_SECONDS", default=5.0),
+    },
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+
+# The portal's own settings, read through portal.conf.
+PORTAL = {
+    # Largest inbound body accepted, in bytes; larger bodies get 413.
+    "MAX_BODY_BYTES": env.int("PORTAL_MAX_BODY_BYTES", default=20 * 1024 * 1024),
+    # Largest outbound POST body, in bytes of encoded JSON (Qualtrics' limit is 100 KB).
+    "MAX_PAYLOAD_BYTES": env.int("PORTAL_MAX_PAYLOAD_BYTES", default=100_000),
+    # Allow http:// and loopback POST URLs, for development and tests only.
+    "ALLOW_LOOPBACK_TARGETS": env.bool("PORTAL_ALLOW_LOOPBACK_TARGETS", default=False),
+    # Seconds to wait for a TCP and TLS connection to a Qualtrics host.
+    "CONNECT_TIMEOUT_SECONDS": env.float("PORTAL_CONNECT_TIMEOUT_SECONDS", default=5.0),
+    # Seconds one attempt may take in total, response body included.
+    "TOTAL_TIMEOUT_SECONDS": env.float("PORTAL_TOTAL_TIMEOUT_SECONDS", default=15.0),
+    # Attempts per delivery before it is marked failed.
+    "MAX_ATTEMPTS": env.int("PORTAL_MAX_ATTEMPTS", default=8),
+    # First retry delay in seconds; each later retry doubles it, with jitter.
+    "RETRY_BASE_SECONDS": env.float("PORTAL_RETRY_BASE_SECONDS", default=30.0),
+    # Longest delay between two attempts, in seconds.
+    "RETRY_MAX_SECONDS": env.float("PORTAL_RETRY_MAX_SECONDS", default=6 * 3600.0),
+    # Seconds a worker holds a claimed delivery before the sweeper may hand it to another.
+    "LEASE_SECONDS": env.float("PORTAL_LEASE_SECONDS", default=60.0),
+    # Seconds after which a stored batch that was never routed is queued again.
+    "ROUTING_GRACE_SECONDS": env.float("PORTAL_ROUTING_GRACE_SECONDS", default=60.0),
+    # Fernet keys that encrypt POST URLs and Authorization headers at rest. The
+    # first key encrypts; every key decrypts, so a new key is put first to
+    # rotate. Empty means one key derived from DJANGO_SECRET_KEY.
+    "ENCRYPTION_KEYS": env.list("PORTAL_ENCRYPTION_KEYS", default=[]),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("PORTAL_LOG_LEVEL", default="INFO")},
+}
+
+if PRODUCTION:
+    _missing = [
+        name
+        for name, present in (
+            ("DJANGO_SECRET_KEY", SECRET_KEY != _DEVELOPMENT_SECRET_KEY),
+            ("DJANGO_ALLOWED_HOSTS", "DJANGO_ALLOWED_HOSTS" in env),
+            ("PORTAL_ENCRYPTION_KEYS", bool(PORTAL["ENCRYPTION_KEYS"])),
+        )
+        if not present
+    ]
+    if _missing:
+        raise ImproperlyConfigured(
+            f"PORTAL_PRODUCTION is set but {', '.join(_missing)} is missing from the environment."
+        )
+    if PORTAL["ALLOW_LOOPBACK_TARGETS"]:
+        raise ImproperlyConfigured("PORTAL_ALLOW_LOOPBACK_TARGETS must not be set when PORTAL_PRODUCTION is set.")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True

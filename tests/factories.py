@@ -1,0 +1,46 @@
+"""factory-boy factories for the portal's models."""
+
+import factory
+
+from events.event_types import RouteType
+from events.models import Feed, InboundBatch
+from integrations.models import Connection
+
+TEST_POST_URL = (
+    "https://iad1.qualtrics.com/inbound-event/v1/events/json/triggers?urlTokenId=8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b"
+)
+
+
+class FeedFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Feed
+        skip_postgeneration_save = True
+
+    name = factory.Sequence(lambda n: f"feed-{n}")
+
+    @factory.post_generation
+    def secret(self, create: bool, extracted: str | None, **kwargs: object) -> None:
+        """Set a new secret, kept in plain text on the instance as `plain_secret` for tests."""
+        self.plain_secret = self.set_new_secret()
+        if create:
+            self.save()
+
+
+class ConnectionFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Connection
+
+    name = factory.Sequence(lambda n: f"connection-{n}")
+    post_url = TEST_POST_URL
+    authorization = "Basic dGVzdDp0ZXN0LXRva2Vu"
+    event_types = factory.LazyFunction(lambda: [t.value for t in RouteType])
+    send_as_batch = False
+
+
+class InboundBatchFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = InboundBatch
+
+    feed = factory.SubFactory(FeedFactory)
+    body = '{"events": []}'
+    body_bytes = factory.LazyAttribute(lambda batch: len(batch.body.encode()))
