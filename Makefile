@@ -1,0 +1,53 @@
+# Task runner. `make demo` and `make test` are the two commands a fresh machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck check migrate web worker beat standin up bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: $(STAMP)
+	$(BIN)/python manage.py migrate --noinput
+
+demo: $(STAMP)
+	$(BIN)/python manage.py demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy .
+
+check: $(STAMP)
+	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/python manage.py check
+
+test: lint typecheck check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+web: migrate
+	$(BIN)/gunicorn portal.wsgi --bind $${PORTAL_BIND:-127.0.0.1:8000} --workers $${WEB_CONCURRENCY:-2}
+
+worker: $(STAMP)
+	$(BIN)/celery -A portal worker --loglevel INFO --pool threads --concurrency $${WORKER_CONCURRENCY:-8}
+
+beat: $(STAMP)
+	$(BIN)/celery -A portal beat --loglevel INFO
+
+standin: $(STAMP)
+	$(BIN)/python manage.py qualtrics_standin
+
+up: $(STAMP)
+	$(BIN)/python manage.py demo --no-seed --keep-running
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

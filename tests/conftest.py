@@ -1,0 +1,124 @@
+"""Shared fixtures: loopback targets, the Qualtrics stand-in, and real Celery processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings as django_settings
+from django.db import connection
+
+from integrations.standin import running_standin
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def allow_loopback(settings: Any) -> None:
+    """Let connections target the stand-in on 127.0.0.1."""
+    settings.PORTAL = {**settings.PORTAL, "ALLOW_LOOPBACK_TARGETS": True}
+
+
+@pytest.fixture
+def standin() -> Iterator[Any]:
+    with running_standin(expect_authorization="Basic dGVzdDp0ZXN0LXRva2Vu") as server:
+        yield server
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; return whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def _database_url() -> str:
+    """Return a URL for the test database the worker processes must share with the tests."""
+    db = django_settings.DATABASES["default"]
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    credentials = f"{user}{password}@" if user else ""
+    return f"postgres://{credentials}{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class CeleryProcesses:
+    """A Celery worker and beat running as real processes against the test database and broker."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> None:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        command = [sys.executable, "-m", "celery", "-A", "portal", *args]
+        self.processes[name] = subprocess.Popen(
+            command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        process = self.processes.pop(name)
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+
+def _purge_broker(env: dict[str, str]) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "portal", "purge", "-f"],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def celery_processes(transactional_db: None, tmp_path: Path) -> Iterator[CeleryProcesses]:
+    """Start a Celery worker and beat with short intervals; stop them after the test.
+
+    The tests' data must be committed for these processes to see it, hence
+    `transactional_db`. The broker is the configured one: Redis in CI, the
+    filesystem broker otherwise. It is purged first.
+    """
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(),
+        "PORTAL_ALLOW_LOOPBACK_TARGETS": "1",
+        "PORTAL_RETRY_BASE_SECONDS": "0.5",
+        "PORTAL_FLUSH_INTERVAL_SECONDS": "0.5",
+        "PORTAL_SWEEP_INTERVAL_SECONDS": "1",
+        "PORTAL_LEASE_SECONDS": "10",
+        "PORTAL_ENCRYPTION_KEYS": ",".join(django_settings.PORTAL["ENCRYPTION_KEYS"]),
+        "DJANGO_SECRET_KEY": django_settings.SECRET_KEY,
+    }
+    _purge_broker(env)
+    connection.close()
+    processes = CeleryProcesses(env, tmp_path)
+    processes.start("worker", "worker", "--pool", "threads", "--concurrency", "4", "--loglevel", "INFO")
+    processes.start("beat", "beat", "--loglevel", "INFO", "--schedule", str(tmp_path / "beat-schedule"))
+    try:
+        yield processes
+    finally:
+        processes.stop_all()

@@ -1,0 +1,144 @@
+"""The HTTP client against real servers on loopback."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from integrations.transport import post_json
+
+AUTH = "Basic dGVzdDp0ZXN0LXRva2Vu"
+
+
+def send(url, body=b'{"events":[]}', total=2.0):
+    return post_json(url, body, {"Authorization": AUTH}, connect_timeout=1.0, total_timeout=total)
+
+
+@pytest.fixture
+def raw_server():
+    """A TCP server on loopback whose per-connection behaviour each test sets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    state = {"handler": None, "connections": []}
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            state["connections"].append(conn)
+            threading.Thread(target=state["handler"], args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield state, f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()
+    for conn in state["connections"]:
+        conn.close()
+
+
+pytestmark = pytest.mark.usefixtures("allow_loopback")
+
+
+def test_success_returns_status(standin):
+    outcome = send(standin.url)
+
+    assert outcome.status_code == 200
+    assert outcome.succeeded
+    assert '"httpStatus"' in outcome.response_excerpt
+
+
+def test_utf8_body_and_length(standin):
+    body = '{"name":"Café ☕ 🍔","city":"Москва"}'.encode()
+
+    send(standin.url, body)
+
+    record = standin.records[0]
+    assert record["body"] == body.decode()
+    assert int(record["headers"]["Content-Length"]) == len(body)
+    assert record["headers"]["Content-Type"] == "application/json; charset=utf-8"
+
+
+def test_status_and_retry_after_reported(standin):
+    standin.configure(status=429, retry_after="120")
+
+    outcome = send(standin.url)
+
+    assert outcome.status_code == 429
+    assert outcome.retry_after == "120"
+
+
+def test_redirect_not_followed(raw_server):
+    state, url = raw_server
+
+    def redirect(conn):
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/\r\nContent-Length: 0\r\n\r\n")
+
+    state["handler"] = redirect
+
+    outcome = send(url)
+
+    assert outcome.status_code == 302
+    assert outcome.location == "http://127.0.0.1:1/"
+
+
+def test_silent_server_times_out(raw_server):
+    state, url = raw_server
+    state["handler"] = lambda conn: conn.recv(65536) and time.sleep(30)
+
+    started = time.monotonic()
+    outcome = send(url, total=1.0)
+
+    assert outcome.status_code is None
+    assert outcome.error == "timed out after 1 s"
+    assert time.monotonic() - started < 3
+
+
+def test_trickling_server_times_out(raw_server):
+    state, url = raw_server
+
+    def trickle(conn):
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    state["handler"] = trickle
+
+    started = time.monotonic()
+    outcome = send(url, total=1.5)
+
+    assert outcome.status_code is None
+    assert "timed out" in outcome.error
+    assert time.monotonic() - started < 3.5
+
+
+def test_refused_connection_reported():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    outcome = send(f"http://127.0.0.1:{port}/")
+
+    assert outcome.status_code is None
+    assert outcome.error.startswith("connection failed")
+
+
+def test_private_target_never_contacted(settings):
+    settings.PORTAL = {**settings.PORTAL, "ALLOW_LOOPBACK_TARGETS": False}
+
+    outcome = send("http://127.0.0.1:9/")
+
+    assert outcome.error.startswith("unsafe target")
+
+
+def test_stale_keepalive_connection_recovers(standin):
+    assert send(standin.url).succeeded
+    time.sleep(0.2)
+    assert send(standin.url).succeeded
