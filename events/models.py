@@ -89,3 +89,21 @@ class InboundBatch(models.Model):
 
     def __str__(self) -> str:
         return f"Batch {self.pk} from {self.feed}"
+
+
+class SeenEvent(models.Model):
+    """The first sighting of an event by a connection, for de-duplicating repeated uploads."""
+
+    connection = models.ForeignKey("integrations.Connection", on_delete=models.CASCADE, related_name="+")
+    mpid = models.CharField(max_length=64)
+    source_message_id = models.CharField(max_length=200)
+    batch = models.ForeignKey(InboundBatch, on_delete=models.CASCADE, related_name="+")
+    seen_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["connection", "source_message_id", "mpid"], name="unique_seen_event")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.mpid}/{self.source_message_id}"

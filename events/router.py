@@ -13,6 +13,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from events import dedup
 from events.event_types import RouteType
 from events.models import InboundBatch
 from integrations import batcher, delivery, jsontext, shaping
@@ -61,7 +62,9 @@ def connections_for(batch: InboundBatch) -> list[Connection]:
 def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: Connection) -> list[Delivery]:
     """Shape the batch for one connection and store what it receives; return new deliveries."""
     shaped = shaping.shape_batch(data, connection.shaping_settings())
+    shaped.events, duplicates = dedup.split_duplicates(connection.pk, batch, data, shaped.events)
     routing = Routing(
+        duplicate_count=duplicates,
         batch=batch,
         connection=connection,
         filtered_count=sum(shaped.filtered.values()),

@@ -190,6 +190,9 @@ class Routing(models.Model):
     connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="routings")
     routed_count = models.PositiveIntegerField(default=0)
     filtered_count = models.PositiveIntegerField(default=0)
+    duplicate_count = models.PositiveIntegerField(
+        default=0, help_text="Events dropped because this connection saw the same mpid and source_message_id."
+    )
     failed_count = models.PositiveIntegerField(default=0)
     filter_reasons = models.JSONField(default=dict, blank=True, help_text="Filtered events counted by reason.")
     created_at = models.DateTimeField(auto_now_add=True)

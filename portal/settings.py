@@ -201,6 +201,9 @@ PORTAL = {
     "LEASE_SECONDS": env.float("PORTAL_LEASE_SECONDS", default=60.0),
     # Seconds after which a stored batch that was never routed is queued again.
     "ROUTING_GRACE_SECONDS": env.float("PORTAL_ROUTING_GRACE_SECONDS", default=60.0),
+    # Seconds during which an event with the same mpid and source_message_id
+    # is dropped as a duplicate, per connection.
+    "EVENT_DEDUP_SECONDS": env.int("PORTAL_EVENT_DEDUP_SECONDS", default=24 * 3600),
     # Fernet keys that encrypt POST URLs and Authorization headers at rest. The
     # first key encrypts; every key decrypts, so a new key is put first to
     # rotate. Empty means one key derived from DJANGO_SECRET_KEY.

@@ -156,7 +156,8 @@ def test_body_over_limit_is_413(client, feed, settings):
 
 
 def test_large_batch_above_django_default(client, feed):
-    events = ",".join('{"event_type": "custom_event", "data": {"event_name": "e%d"}}' % i for i in range(60_000))
+    event = '{"event_type": "custom_event", "data": {"event_name": "e%s"}}'
+    events = ",".join(event.replace("%s", str(i)) for i in range(60_000))
     body = '{"events": [' + events + "]}"
     assert len(body) > 2_621_440
 

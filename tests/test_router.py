@@ -1,6 +1,7 @@
 """Routing stored batches to connections, and the Send as Batch windows."""
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.utils import timezone
@@ -107,7 +108,7 @@ def test_oversized_event_failed_as_too_large(settings):
     connection = ConnectionFactory(event_types=["custom_event"])
     big = json.dumps({"event_type": "custom_event", "data": {"pad": "x" * 500}})
     small = json.dumps({"event_type": "custom_event", "data": {}})
-    batch = InboundBatchFactory(body='{"events": [%s, %s]}' % (big, small))
+    batch = InboundBatchFactory(body=f'{{"events": [{big}, {small}]}}')
 
     router.route_batch(batch.pk)
 
@@ -215,3 +216,59 @@ def test_consent_notification_removed_when_unrouted():
     router.route_batch(InboundBatchFactory(body=json.dumps(body)).pk)
 
     assert json.loads(Delivery.objects.get(connection=connection).payload)["system_notifications"] == []
+
+
+def resent(batch_id, request_id, message_id="m-1", mpid=42):
+    body = {
+        "source_request_id": request_id,
+        "batch_id": batch_id,
+        "mpid": mpid,
+        "events": [{"event_type": "custom_event", "data": {"source_message_id": message_id, "event_id": batch_id}}],
+    }
+    return InboundBatchFactory(body=json.dumps(body))
+
+
+def test_resent_event_is_duplicate():
+    connection = ConnectionFactory(event_types=["custom_event"])
+
+    router.route_batch(resent(1, "r-1").pk)
+    repeat = resent(2, "r-2")
+    router.route_batch(repeat.pk)
+
+    assert Delivery.objects.filter(connection=connection).count() == 1
+    second = Routing.objects.get(batch=repeat)
+    assert second.duplicate_count == 1
+    assert second.routed_count == 0
+
+
+def test_duplicate_key_is_per_connection():
+    ConnectionFactory(event_types=["custom_event"])
+    router.route_batch(resent(1, "r-1").pk)
+    ConnectionFactory(event_types=["custom_event"])
+
+    router.route_batch(resent(2, "r-2").pk)
+
+    assert Delivery.objects.count() == 2
+
+
+def test_event_without_message_id_never_duplicate():
+    ConnectionFactory(event_types=["custom_event"])
+    body = json.dumps({"mpid": 42, "events": [{"event_type": "custom_event", "data": {"event_name": "x"}}]})
+
+    router.route_batch(InboundBatchFactory(body=body).pk)
+    router.route_batch(InboundBatchFactory(body=body).pk)
+
+    assert Delivery.objects.count() == 2
+
+
+def test_duplicate_after_window_is_sent(settings):
+    from events.models import SeenEvent
+
+    ConnectionFactory(event_types=["custom_event"])
+    router.route_batch(resent(1, "r-1").pk)
+    expired = timezone.now() - timedelta(seconds=settings.PORTAL["EVENT_DEDUP_SECONDS"] + 1)
+    SeenEvent.objects.update(seen_at=expired)
+
+    router.route_batch(resent(2, "r-2").pk)
+
+    assert Delivery.objects.count() == 2

@@ -63,7 +63,7 @@ def test_loopback_setting_admits_only_loopback(settings, url):
 
 
 def _resolve_to(address):
-    def fake_getaddrinfo(host, port, type=0):  # noqa: A002 - mirrors socket.getaddrinfo
+    def fake_getaddrinfo(host, port, type=0):
         return [(2, 1, 6, "", (address, port))]
 
     return fake_getaddrinfo
