@@ -11,13 +11,14 @@ countdown held in worker memory.
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from events.models import InboundBatch
-from integrations import retry_policy, shaping
+from integrations import protection, retry_policy, shaping
 from integrations.models import BatchWindow, Connection, Delivery, DeliveryAttempt
 from integrations.retry_policy import RetryPolicy
 from integrations.secrets import mask_secret
@@ -147,12 +148,17 @@ def attempt_headers(delivery: Delivery) -> dict[str, str]:
 
 
 def deliver(delivery_id: int, send: Callable[..., Outcome] = post_json) -> Delivery | None:
-    """Make one attempt at a delivery if it is due, record it and decide what follows."""
+    """Make one attempt at a delivery if it is due and its connection admits it; record it and decide what follows."""
     delivery = claim(delivery_id)
     if delivery is None:
         return None
 
     started_at = timezone.now()
+    postpone_to = protection.admit(delivery.connection, delivery, started_at)
+    if postpone_to is not None:
+        postpone(delivery, postpone_to)
+        return delivery
+
     outcome = send(
         delivery.connection.post_url,
         delivery.payload.encode("utf-8"),
@@ -160,18 +166,77 @@ def deliver(delivery_id: int, send: Callable[..., Outcome] = post_json) -> Deliv
         connect_timeout=portal_setting("CONNECT_TIMEOUT_SECONDS"),
         total_timeout=portal_setting("TOTAL_TIMEOUT_SECONDS"),
     )
-    decision = retry_policy.decide(outcome, delivery.attempt_count, current_policy())
+    decision = decide(delivery, outcome, started_at)
 
     record_attempt(delivery, outcome, started_at, decision)
+    protection.after_attempt(delivery.connection, outcome.status_code, decision.delivered, decision.retry_in)
     return delivery
 
 
-def current_policy() -> RetryPolicy:
+def decide(delivery: Delivery, outcome: Outcome, now: datetime) -> retry_policy.Decision:
+    """Apply the retry policy, except that a status that pauses the connection holds the delivery for later."""
+    if outcome.status_code in protection.PAUSING_STATUS:
+        return retry_policy.Decision(delivered=False, retry_in=0.0, reason=retry_policy.describe(outcome))
+    age = (now - (delivery.replayed_at or delivery.created_at)).total_seconds()
+    attempts = delivery.attempt_count - delivery.attempts_before_replay
+    return retry_policy.decide(outcome, attempts, policy_for(delivery.connection), now=now, age_seconds=age)
+
+
+def policy_for(connection: Connection) -> RetryPolicy:
     return RetryPolicy(
-        max_attempts=portal_setting("MAX_ATTEMPTS"),
+        max_attempts=connection.max_attempts,
         base_seconds=portal_setting("RETRY_BASE_SECONDS"),
         max_seconds=portal_setting("RETRY_MAX_SECONDS"),
+        max_age_seconds=connection.max_age_seconds,
     )
+
+
+def postpone(delivery: Delivery, until: datetime) -> None:
+    """Give back a claimed delivery unsent, due again at `until`; the claim's attempt is not counted."""
+    Delivery.objects.filter(
+        pk=delivery.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=delivery.attempt_count
+    ).update(
+        status=Delivery.Status.RETRY_SCHEDULED,
+        next_attempt_at=until,
+        attempt_count=F("attempt_count") - 1,
+        lease_expires_at=None,
+    )
+    delay = (until - timezone.now()).total_seconds()
+    if delay <= COUNTDOWN_LIMIT_SECONDS:
+        _enqueue([delivery.pk], countdown=max(delay, 0.0))
+
+
+def enqueue_waiting(connection: Connection, limit: int = 1000) -> int:
+    """Make the connection's waiting deliveries due now and queue up to `limit`; the sweeper queues the rest."""
+    now = timezone.now()
+    waiting = Delivery.objects.filter(connection=connection, status__in=CLAIMABLE)
+    waiting.update(next_attempt_at=now)
+    ids = list(waiting.order_by("pk").values_list("pk", flat=True)[:limit])
+    _enqueue(ids)
+    return len(ids)
+
+
+def replay(deliveries: QuerySet[Delivery]) -> int:
+    """Queue failed or cancelled deliveries again with a fresh attempt budget; return how many.
+
+    Works on the whole queryset, not a page of it, in chunks.
+    """
+    replayable = deliveries.filter(status__in=(Delivery.Status.FAILED, Delivery.Status.CANCELLED)).exclude(payload="")
+    total = 0
+    while True:
+        ids = list(replayable.order_by("pk").values_list("pk", flat=True)[:1000])
+        if not ids:
+            return total
+        now = timezone.now()
+        Delivery.objects.filter(pk__in=ids).update(
+            status=Delivery.Status.PENDING,
+            attempts_before_replay=F("attempt_count"),
+            replayed_at=now,
+            next_attempt_at=None,
+            last_error="",
+        )
+        transaction.on_commit(partial(_enqueue, ids))
+        total += len(ids)
 
 
 def record_attempt(delivery: Delivery, outcome: Outcome, started_at: datetime, decision: retry_policy.Decision) -> None:
@@ -203,6 +268,7 @@ def record_attempt(delivery: Delivery, outcome: Outcome, started_at: datetime, d
         Delivery.objects.filter(
             pk=delivery.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=delivery.attempt_count
         ).update(**updates)
+        delivery.status = str(updates["status"])
         _update_connection_health(delivery.connection, decision, now)
 
     _log_attempt(delivery, outcome, decision)
@@ -247,9 +313,9 @@ def sweep() -> int:
     so a delivery whose attempts are used up is failed instead.
     """
     now = timezone.now()
-    policy = current_policy()
     expired = Delivery.objects.filter(status=Delivery.Status.IN_FLIGHT, lease_expires_at__lt=now)
-    expired.filter(attempt_count__gte=policy.max_attempts).update(
+    exhausted = F("attempts_before_replay") + F("connection__max_attempts")
+    expired.filter(attempt_count__gte=exhausted).update(
         status=Delivery.Status.FAILED, last_error="worker lost during the last attempt", lease_expires_at=None
     )
     expired.update(status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at=now, lease_expires_at=None)

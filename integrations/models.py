@@ -3,6 +3,7 @@
 import uuid
 
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -12,7 +13,7 @@ from integrations.fields import EncryptedTextField
 from integrations.metadata_fields import MetadataField
 from integrations.secrets import mask_secret
 from integrations.shaping import ShapingSettings
-from integrations.url_policy import validate_post_url
+from integrations.url_policy import rate_limit_key, validate_post_url
 
 
 class Environment(models.TextChoices):
@@ -120,6 +121,42 @@ class Connection(models.Model):
         help_text="Only batches whose environment matches are forwarded.",
     )
 
+    # Delivery policy and protection.
+    max_attempts = models.PositiveIntegerField(
+        default=15,
+        validators=[MinValueValidator(1)],
+        help_text="Attempts per delivery before it is failed; the default retry schedule spans about a day.",
+    )
+    max_age_seconds = models.PositiveIntegerField(
+        "maximum age (seconds)",
+        default=2 * 24 * 3600,
+        help_text="A delivery still not sent this many seconds after it was created (or replayed) is failed.",
+    )
+    rate_limit_per_minute = models.PositiveIntegerField(
+        default=2400,
+        validators=[MinValueValidator(1)],
+        help_text="POSTs per minute, shared with every connection to the same Qualtrics brand and data center.",
+    )
+    concurrency_limit = models.PositiveIntegerField(
+        default=4, validators=[MinValueValidator(1)], help_text="POSTs in flight at once for this connection."
+    )
+    breaker_failure_ratio = models.FloatField(
+        default=0.5,
+        validators=[MinValueValidator(0.01), MaxValueValidator(1.0)],
+        help_text="Share of failed attempts in the breaker window at which the connection pauses itself.",
+    )
+    breaker_min_attempts = models.PositiveIntegerField(
+        default=20, help_text="Attempts needed in the breaker window before the failure ratio is judged."
+    )
+
+    paused_at = models.DateTimeField(null=True, blank=True, editable=False)
+    pause_reason = models.TextField(blank=True, editable=False)
+    auto_resume = models.BooleanField(
+        default=False, editable=False, help_text="Whether the pause ends by itself after a successful probe."
+    )
+    hold_until = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="No POST before this time (after a 429 or a failed probe)."
+    )
     last_success_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_error_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_error = models.TextField(blank=True, editable=False)
@@ -151,6 +188,15 @@ class Connection(models.Model):
                 errors[name] = "Enter a list of strings."
         if errors:
             raise ValidationError(errors)
+
+    @property
+    def is_paused(self) -> bool:
+        return self.paused_at is not None
+
+    @property
+    def rate_limit_key(self) -> str:
+        """Return the key under which connections share a rate limit: the brand and host where the URL shows them."""
+        return rate_limit_key(self.post_url) or f"connection:{self.pk}"
 
     @property
     def masked_authorization(self) -> str:
@@ -279,6 +325,10 @@ class Delivery(models.Model):
     event_types = models.JSONField(default=list, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     attempt_count = models.PositiveIntegerField(default=0)
+    attempts_before_replay = models.PositiveIntegerField(
+        default=0, help_text="Attempts made before the last replay; the attempt limit counts from here."
+    )
+    replayed_at = models.DateTimeField(null=True, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     last_status_code = models.PositiveIntegerField(null=True, blank=True)

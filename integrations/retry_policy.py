@@ -20,9 +20,12 @@ RETRYABLE_STATUS = frozenset({408, 429})
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How long to keep trying: attempts, the backoff's first and longest delay, and the maximum age, in seconds."""
+
     max_attempts: int
     base_seconds: float
     max_seconds: float
+    max_age_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,10 @@ def describe(outcome: Outcome) -> str:
     return f"HTTP {outcome.status_code}"
 
 
-def decide(outcome: Outcome, attempt: int, policy: RetryPolicy, *, now: datetime | None = None) -> Decision:
-    """Decide what follows attempt number `attempt` (counting from 1)."""
+def decide(
+    outcome: Outcome, attempt: int, policy: RetryPolicy, *, now: datetime | None = None, age_seconds: float = 0.0
+) -> Decision:
+    """Decide what follows attempt number `attempt` (counting from 1) of a delivery `age_seconds` old."""
     if outcome.succeeded:
         return Decision(delivered=True)
     reason = describe(outcome)
@@ -61,7 +66,10 @@ def decide(outcome: Outcome, attempt: int, policy: RetryPolicy, *, now: datetime
     delay = retry_after_seconds(outcome.retry_after, now=now)
     if delay is None:
         delay = backoff_seconds(attempt, policy)
-    return Decision(delivered=False, retry_in=min(delay, policy.max_seconds), reason=reason)
+    delay = min(delay, policy.max_seconds)
+    if policy.max_age_seconds is not None and age_seconds + delay > policy.max_age_seconds:
+        return Decision(delivered=False, reason=f"{reason}; expired, not delivered within {policy.max_age_seconds:g} s")
+    return Decision(delivered=False, retry_in=delay, reason=reason)
 
 
 def backoff_seconds(attempt: int, policy: RetryPolicy) -> float:

@@ -101,3 +101,22 @@ def check_resolved_addresses(host: str, port: int) -> None:
             continue
         if not address.is_global:
             raise UnsafeTargetError(f"{host} resolves to the non-public address {address}")
+
+
+def rate_limit_key(url: str) -> str | None:
+    """Return `brand@host` for a Qualtrics URL, the scope of Qualtrics' per-brand rate limit.
+
+    The legacy URL shape names the brand in `brandId`; the organisation
+    prefix of the host (`org.iad1.qualtrics.com`) names it otherwise. Returns
+    None when the URL shows neither.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    brand = parse_qs(parts.query).get("brandId", [""])[0]
+    labels = host.split(".")
+    if not brand and host.endswith(".qualtrics.com") and len(labels) > 3:
+        brand = labels[0]
+    return f"{brand}@{host}" if brand else None

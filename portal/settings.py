@@ -7,6 +7,7 @@ checkout: SQLite in WAL mode and kombu's filesystem broker under `var/`.
 The README lists every variable.
 """
 
+import os
 from pathlib import Path
 
 import environ
@@ -86,8 +87,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
     # A file, not SQLite's in-memory default, so that Celery worker processes
-    # started by the tests share the test database.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+    # started by the tests share the test database; one per test run.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")}
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
@@ -155,6 +156,14 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # bounds how long a killed worker's task waits.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)}
 
+# The cache holds the shared per-brand rate-limit counters: Redis when the
+# broker is Redis, so every worker counts together, otherwise per process.
+CACHE_URL = env.str(
+    "CACHE_URL",
+    default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "locmemcache://",
+)
+CACHES = {"default": env.cache_url_config(CACHE_URL)}
+
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -191,8 +200,10 @@ PORTAL = {
     "CONNECT_TIMEOUT_SECONDS": env.float("PORTAL_CONNECT_TIMEOUT_SECONDS", default=5.0),
     # Seconds one attempt may take in total, response body included.
     "TOTAL_TIMEOUT_SECONDS": env.float("PORTAL_TOTAL_TIMEOUT_SECONDS", default=15.0),
-    # Attempts per delivery before it is marked failed.
-    "MAX_ATTEMPTS": env.int("PORTAL_MAX_ATTEMPTS", default=8),
+    # Seconds a connection paused by its circuit breaker waits between probes.
+    "BREAKER_PROBE_SECONDS": env.float("PORTAL_BREAKER_PROBE_SECONDS", default=60.0),
+    # Seconds of recent attempts the circuit breaker judges.
+    "BREAKER_WINDOW_SECONDS": env.float("PORTAL_BREAKER_WINDOW_SECONDS", default=300.0),
     # First retry delay in seconds; each later retry doubles it, with jitter.
     "RETRY_BASE_SECONDS": env.float("PORTAL_RETRY_BASE_SECONDS", default=30.0),
     # Longest delay between two attempts, in seconds.

@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 
 from integrations import delivery
-from integrations.models import Delivery
+from integrations.models import Connection, Delivery
 from integrations.transport import Outcome
 from tests.factories import ConnectionFactory
 
@@ -95,8 +95,8 @@ def test_failed_on_400_without_retry(pending):
     assert pending.connection.last_error == "HTTP 400"
 
 
-def test_fails_after_max_attempts(pending, settings):
-    settings.PORTAL = {**settings.PORTAL, "MAX_ATTEMPTS": 2}
+def test_fails_after_max_attempts(pending):
+    Connection.objects.filter(pk=pending.connection_id).update(max_attempts=2)
     delivery.deliver(pending.pk, send=Recorder(Outcome(503, 1)))
     Delivery.objects.filter(pk=pending.pk).update(next_attempt_at=timezone.now())
 
@@ -130,8 +130,8 @@ def test_sweeper_requeues_expired_lease(pending, monkeypatch):
     assert queued == [pending.pk]
 
 
-def test_sweeper_fails_expired_last_attempt(pending, settings, monkeypatch):
-    settings.PORTAL = {**settings.PORTAL, "MAX_ATTEMPTS": 1}
+def test_sweeper_fails_expired_last_attempt(pending, monkeypatch):
+    Connection.objects.filter(pk=pending.connection_id).update(max_attempts=1)
     monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: None)
     delivery.claim(pending.pk)
     Delivery.objects.filter(pk=pending.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
@@ -146,10 +146,18 @@ def test_sweeper_fails_expired_last_attempt(pending, settings, monkeypatch):
 def test_sweeper_requeues_due_retry_only(pending, monkeypatch):
     queued = []
     monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: queued.extend(ids))
-    later = Delivery.objects.create(connection=pending.connection, payload="{}", status="retry_scheduled",
-                                    next_attempt_at=timezone.now() + timedelta(hours=1))
-    due = Delivery.objects.create(connection=pending.connection, payload="{}", status="retry_scheduled",
-                                  next_attempt_at=timezone.now() - timedelta(seconds=1))
+    later = Delivery.objects.create(
+        connection=pending.connection,
+        payload="{}",
+        status="retry_scheduled",
+        next_attempt_at=timezone.now() + timedelta(hours=1),
+    )
+    due = Delivery.objects.create(
+        connection=pending.connection,
+        payload="{}",
+        status="retry_scheduled",
+        next_attempt_at=timezone.now() - timedelta(seconds=1),
+    )
 
     delivery.sweep()
 
@@ -162,10 +170,10 @@ def test_late_result_of_lost_lease_ignored(pending):
     claimed = delivery.claim(pending.pk)
     Delivery.objects.filter(pk=pending.pk).update(status="retry_scheduled", next_attempt_at=timezone.now())
     second = delivery.claim(pending.pk)
-    decision = delivery.retry_policy.decide(Outcome(200, 1), 2, delivery.current_policy())
+    decision = delivery.retry_policy.decide(Outcome(200, 1), 2, delivery.policy_for(pending.connection))
     delivery.record_attempt(second, Outcome(200, 1), timezone.now(), decision)
 
-    stale = delivery.retry_policy.decide(Outcome(503, 1), 1, delivery.current_policy())
+    stale = delivery.retry_policy.decide(Outcome(503, 1), 1, delivery.policy_for(pending.connection))
     delivery.record_attempt(claimed, Outcome(503, 1), timezone.now(), stale)
 
     pending.refresh_from_db()

@@ -1,0 +1,145 @@
+"""Per-connection protection: pauses, probes, the circuit breaker, rate limit and concurrency cap.
+
+`admit` runs after a delivery is claimed and before it is sent. It returns
+None when the attempt may go ahead, or the time to postpone it to. One
+connection's limits therefore only ever postpone that connection's
+deliveries, and a worker slot is never spent waiting on them.
+"""
+
+import logging
+import math
+import time
+from datetime import datetime, timedelta
+
+from django.core.cache import cache
+from django.db.models import Q
+from django.utils import timezone
+
+from integrations.models import Connection, Delivery, DeliveryAttempt
+from portal.conf import portal_setting
+
+logger = logging.getLogger(__name__)
+
+# Qualtrics answers these when the trigger URL or credentials are wrong; no
+# retry can succeed until an operator fixes the connection.
+PAUSING_STATUS = {
+    401: "Qualtrics rejected the Authorization header (401); fix it and resume the connection.",
+    403: "Qualtrics refused access (403); check the Authorization header and resume the connection.",
+    404: "Qualtrics does not know this trigger URL (404); check the POST URL and resume the connection.",
+    410: "The Qualtrics trigger was removed (410); update the POST URL and resume the connection.",
+}
+RATE_WINDOW_SECONDS = 60
+CONCURRENCY_BACKOFF_SECONDS = 1.0
+
+
+def admit(connection: Connection, delivery: Delivery, now: datetime) -> datetime | None:
+    """Return None if the connection may send now, else the time to postpone the delivery to."""
+    if connection.paused_at is not None:
+        if not connection.auto_resume:
+            return now + timedelta(days=365)
+        if not _take_probe(connection, now):
+            return connection.hold_until or now + _probe_interval()
+        return None
+    if connection.hold_until and connection.hold_until > now:
+        return connection.hold_until
+    if _in_flight_elsewhere(connection, delivery) >= connection.concurrency_limit:
+        return now + timedelta(seconds=CONCURRENCY_BACKOFF_SECONDS)
+    wait = take_rate_token(connection.rate_limit_key, connection.rate_limit_per_minute)
+    if wait:
+        return now + timedelta(seconds=wait)
+    return None
+
+
+def _in_flight_elsewhere(connection: Connection, delivery: Delivery) -> int:
+    # NOTE: two workers counting at the same moment can both pass, so the cap
+    # can be exceeded by the number of workers racing for it.
+    return (
+        Delivery.objects.filter(connection=connection, status=Delivery.Status.IN_FLIGHT).exclude(pk=delivery.pk).count()
+    )
+
+
+def take_rate_token(key: str, limit_per_minute: int) -> float:
+    """Count one POST against `key` in the current minute; return 0, or seconds until the next minute if full.
+
+    The counter lives in the Django cache, which is Redis in production so
+    that every worker shares it.
+    """
+    now = time.time()
+    window = math.floor(now / RATE_WINDOW_SECONDS)
+    cache_key = f"rate:{key}:{window}"
+    cache.add(cache_key, 0, timeout=RATE_WINDOW_SECONDS * 2)
+    try:
+        used = cache.incr(cache_key)
+    except ValueError:
+        cache.set(cache_key, 1, timeout=RATE_WINDOW_SECONDS * 2)
+        used = 1
+    if used <= limit_per_minute:
+        return 0.0
+    return (window + 1) * RATE_WINDOW_SECONDS - now
+
+
+def _probe_interval() -> timedelta:
+    return timedelta(seconds=portal_setting("BREAKER_PROBE_SECONDS"))
+
+
+def _take_probe(connection: Connection, now: datetime) -> bool:
+    """Let exactly one delivery through as a probe once the hold is over; others wait for the next one."""
+    taken = (
+        Connection.objects.filter(pk=connection.pk, paused_at__isnull=False, auto_resume=True)
+        .filter(Q(hold_until__isnull=True) | Q(hold_until__lte=now))
+        .update(hold_until=now + _probe_interval())
+    )
+    return bool(taken)
+
+
+def after_attempt(connection: Connection, status_code: int | None, succeeded: bool, retry_in: float | None) -> None:
+    """Update the connection after an attempt: resume after a good probe, pause, or hold after a 429."""
+    now = timezone.now()
+    if succeeded:
+        if connection.paused_at is not None and connection.auto_resume:
+            resume(connection, reason="probe succeeded")
+        return
+    if status_code in PAUSING_STATUS:
+        pause(connection, PAUSING_STATUS[status_code], auto_resume=False)
+        return
+    if status_code == 429 and retry_in:
+        Connection.objects.filter(pk=connection.pk).update(hold_until=now + timedelta(seconds=retry_in))
+    if connection.paused_at is None and _breaker_trips(connection, now):
+        pause(
+            connection,
+            f"More than {connection.breaker_failure_ratio:.0%} of recent attempts failed; "
+            "the portal probes the connection and resumes it when a probe succeeds.",
+            auto_resume=True,
+        )
+
+
+def _breaker_trips(connection: Connection, now: datetime) -> bool:
+    since = now - timedelta(seconds=portal_setting("BREAKER_WINDOW_SECONDS"))
+    recent = DeliveryAttempt.objects.filter(delivery__connection=connection, started_at__gte=since)
+    outcomes = list(recent.order_by("-started_at").values_list("status_code", "error")[:200])
+    if len(outcomes) < connection.breaker_min_attempts:
+        return False
+    failures = sum(1 for status_code, error in outcomes if error)
+    return failures / len(outcomes) >= connection.breaker_failure_ratio
+
+
+def pause(connection: Connection, reason: str, *, auto_resume: bool) -> None:
+    """Pause the connection with a reason operators see; deliveries keep collecting."""
+    now = timezone.now()
+    hold = now + _probe_interval() if auto_resume else None
+    updated = Connection.objects.filter(pk=connection.pk, paused_at__isnull=True).update(
+        paused_at=now, pause_reason=reason, auto_resume=auto_resume, hold_until=hold
+    )
+    if updated:
+        logger.warning("connection.paused connection=%s auto_resume=%s reason=%s", connection.pk, auto_resume, reason)
+
+
+def resume(connection: Connection, *, reason: str) -> int:
+    """Resume the connection and queue its waiting deliveries; return how many were queued."""
+    from integrations.delivery import enqueue_waiting
+
+    Connection.objects.filter(pk=connection.pk).update(
+        paused_at=None, pause_reason="", auto_resume=False, hold_until=None
+    )
+    logger.info("connection.resumed connection=%s reason=%s", connection.pk, reason)
+    return enqueue_waiting(connection)
