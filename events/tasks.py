@@ -14,5 +14,5 @@ def route_batch(batch_id: int) -> None:
 @shared_task(name="events.tasks.sweep_unrouted_batches")
 def sweep_unrouted_batches() -> None:
     """Queue routing again for batches whose task was lost (a broker restart, say)."""
-    for batch_id in router.sweep_unrouted(portal_setting("ROUTING_GRACE_SECONDS")):
+    for batch_id in router.sweep_unrouted(portal_setting("REQUEUE_AFTER_SECONDS")):
         route_batch.delay(batch_id)

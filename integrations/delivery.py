@@ -320,7 +320,7 @@ def sweep() -> int:
     )
     expired.update(status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at=now, lease_expires_at=None)
 
-    grace = now - timedelta(seconds=portal_setting("ROUTING_GRACE_SECONDS"))
+    grace = now - timedelta(seconds=portal_setting("REQUEUE_AFTER_SECONDS"))
     due = Delivery.objects.filter(
         Q(status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at__lte=now)
         | Q(status=Delivery.Status.PENDING, created_at__lt=grace)

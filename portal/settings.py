@@ -210,8 +210,9 @@ PORTAL = {
     "RETRY_MAX_SECONDS": env.float("PORTAL_RETRY_MAX_SECONDS", default=6 * 3600.0),
     # Seconds a worker holds a claimed delivery before the sweeper may hand it to another.
     "LEASE_SECONDS": env.float("PORTAL_LEASE_SECONDS", default=60.0),
-    # Seconds after which a stored batch that was never routed is queued again.
-    "ROUTING_GRACE_SECONDS": env.float("PORTAL_ROUTING_GRACE_SECONDS", default=60.0),
+    # Seconds after which a batch not yet routed, or a delivery still pending,
+    # is queued again because its task was lost (a broker restart, say).
+    "REQUEUE_AFTER_SECONDS": env.float("PORTAL_REQUEUE_AFTER_SECONDS", default=60.0),
     # Seconds during which an event with the same mpid and source_message_id
     # is dropped as a duplicate, per connection.
     "EVENT_DEDUP_SECONDS": env.int("PORTAL_EVENT_DEDUP_SECONDS", default=24 * 3600),

@@ -94,15 +94,18 @@ def _purge_broker(env: dict[str, str]) -> None:
     )
 
 
+WORKER_ARGS = ("worker", "--pool", "threads", "--concurrency", "4", "--loglevel", "INFO")
+
+
 @pytest.fixture
-def celery_processes(transactional_db: None, tmp_path: Path) -> Iterator[CeleryProcesses]:
-    """Start a Celery worker and beat with short intervals; stop them after the test.
+def celery_env(transactional_db: None) -> dict[str, str]:
+    """The environment of Celery processes started by a test; tests may change it before starting them.
 
     The tests' data must be committed for these processes to see it, hence
     `transactional_db`. The broker is the configured one: Redis in CI, the
-    filesystem broker otherwise. It is purged first.
+    filesystem broker otherwise.
     """
-    env = {
+    return {
         **os.environ,
         "DATABASE_URL": _database_url(),
         "PORTAL_ALLOW_LOOPBACK_TARGETS": "1",
@@ -113,12 +116,23 @@ def celery_processes(transactional_db: None, tmp_path: Path) -> Iterator[CeleryP
         "PORTAL_ENCRYPTION_KEYS": ",".join(django_settings.PORTAL["ENCRYPTION_KEYS"]),
         "DJANGO_SECRET_KEY": django_settings.SECRET_KEY,
     }
-    _purge_broker(env)
+
+
+@pytest.fixture
+def celery_control(celery_env: dict[str, str], tmp_path: Path) -> Iterator[CeleryProcesses]:
+    """A purged broker and no processes yet; whatever the test starts is stopped after it."""
+    _purge_broker(celery_env)
     connection.close()
-    processes = CeleryProcesses(env, tmp_path)
-    processes.start("worker", "worker", "--pool", "threads", "--concurrency", "4", "--loglevel", "INFO")
-    processes.start("beat", "beat", "--loglevel", "INFO", "--schedule", str(tmp_path / "beat-schedule"))
+    processes = CeleryProcesses(celery_env, tmp_path)
     try:
         yield processes
     finally:
         processes.stop_all()
+
+
+@pytest.fixture
+def celery_processes(celery_control: CeleryProcesses, tmp_path: Path) -> CeleryProcesses:
+    """A Celery worker and beat with short intervals, running for the test."""
+    celery_control.start("worker", *WORKER_ARGS)
+    celery_control.start("beat", "beat", "--loglevel", "INFO", "--schedule", str(tmp_path / "beat-schedule"))
+    return celery_control
