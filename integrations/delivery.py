@@ -165,6 +165,7 @@ def deliver(delivery_id: int, send: Callable[..., Outcome] = post_json) -> Deliv
         attempt_headers(delivery),
         connect_timeout=portal_setting("CONNECT_TIMEOUT_SECONDS"),
         total_timeout=portal_setting("TOTAL_TIMEOUT_SECONDS"),
+        verify=portal_setting("CA_BUNDLE") or True,
     )
     decision = decide(delivery, outcome, started_at)
 

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import requests
@@ -127,9 +127,13 @@ def post_json(
     *,
     connect_timeout: float,
     total_timeout: float,
-    verify: bool | str = True,
+    verify: Literal[True] | str = True,
 ) -> Outcome:
-    """POST `body` as UTF-8 JSON to `url` and return the outcome of this one attempt."""
+    """POST `body` as UTF-8 JSON to `url` and return the outcome of this one attempt.
+
+    `verify` is True for the default CA bundle or the path of another; TLS
+    verification cannot be turned off.
+    """
     started = time.monotonic()
     parts = urlsplit(url)
     try:

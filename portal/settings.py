@@ -198,6 +198,9 @@ PORTAL = {
     "ALLOW_LOOPBACK_TARGETS": env.bool("PORTAL_ALLOW_LOOPBACK_TARGETS", default=False),
     # Seconds to wait for a TCP and TLS connection to a Qualtrics host.
     "CONNECT_TIMEOUT_SECONDS": env.float("PORTAL_CONNECT_TIMEOUT_SECONDS", default=5.0),
+    # CA bundle (a PEM file) that verifies Qualtrics' TLS certificates; empty
+    # means the bundle that ships with certifi. Verification cannot be turned off.
+    "CA_BUNDLE": env.str("PORTAL_CA_BUNDLE", default=""),
     # Seconds one attempt may take in total, response body included.
     "TOTAL_TIMEOUT_SECONDS": env.float("PORTAL_TOTAL_TIMEOUT_SECONDS", default=15.0),
     # Seconds a connection paused by its circuit breaker waits between probes.
