@@ -176,6 +176,8 @@ class Connection(models.Model):
                 validate_post_url(self.post_url)
             except ValidationError as error:
                 errors["post_url"] = " ".join(error.messages)
+        if self.authorization and not all(" " <= char <= "~" for char in self.authorization):
+            errors["authorization"] = "The Authorization header may contain only printable ASCII, without line breaks."
         unknown_types = set(self.event_types or []) - set(RouteType.values)
         if unknown_types:
             errors["event_types"] = f"Unknown event types: {', '.join(sorted(map(str, unknown_types)))}."

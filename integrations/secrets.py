@@ -1,6 +1,6 @@
 """Masking of secrets for display: the admin, the API, logs and attempt records."""
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 MASK = "••••"
 
@@ -21,6 +21,7 @@ def mask_url(url: str | None) -> str:
     try:
         parts = urlsplit(url)
         query = [(key, mask_secret(value)) for key, value in parse_qsl(parts.query, keep_blank_values=True)]
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe="•"), ""))
+        masked_query = urlencode(query).replace(quote_plus(MASK), MASK)
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, masked_query, ""))
     except ValueError:
         return mask_secret(url)

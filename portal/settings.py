@@ -53,6 +53,9 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# Messages stay on the server: a new feed secret is shown once in one.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"
 
@@ -131,6 +134,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Inbound mParticle batches and the management API for Qualtrics connections.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "DeliveryStatusEnum": "integrations.models.Delivery.Status",
+        "InboundBatchStatusEnum": "events.models.InboundBatch.Status",
+    },
 }
 
 # Celery. The default broker is kombu's filesystem transport, which needs no

@@ -1,10 +1,11 @@
 """factory-boy factories for the portal's models."""
 
 import factory
+from django.utils import timezone
 
 from events.event_types import RouteType
 from events.models import Feed, InboundBatch
-from integrations.models import Connection
+from integrations.models import Connection, Delivery, DeliveryAttempt
 
 TEST_POST_URL = (
     "https://iad1.qualtrics.com/inbound-event/v1/events/json/triggers?urlTokenId=8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b"
@@ -44,3 +45,25 @@ class InboundBatchFactory(factory.django.DjangoModelFactory):
     feed = factory.SubFactory(FeedFactory)
     body = '{"events": []}'
     body_bytes = factory.LazyAttribute(lambda batch: len(batch.body.encode()))
+
+
+class DeliveryFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Delivery
+
+    connection = factory.SubFactory(ConnectionFactory)
+    payload = '{"events":[{"event_type":"custom_event"}]}'
+    event_count = 1
+    event_types = factory.LazyFunction(lambda: [RouteType.CUSTOM_EVENT.value])
+
+
+class DeliveryAttemptFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = DeliveryAttempt
+
+    delivery = factory.SubFactory(DeliveryFactory)
+    number = factory.Sequence(lambda n: n + 1)
+    started_at = factory.LazyFunction(timezone.now)
+    duration_ms = 120
+    status_code = 500
+    error = "HTTP 500"
