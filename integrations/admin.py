@@ -10,12 +10,13 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.urls import URLPattern, path
 from django.utils.safestring import SafeString
 
 from events.admin import ReadOnlyModelAdmin, ReadOnlyTabularInline, json_block, short_text
 from events.event_types import RouteType
-from integrations import delivery, protection
+from integrations import admin_tools, delivery, protection
 from integrations.forms import DELIVERY_POLICY_FIELDS, MPARTICLE_SETTING_FIELDS, ConnectionForm
 from integrations.models import BatchWindow, Connection, Delivery, DeliveryAttempt
 from integrations.secrets import mask_url
@@ -79,7 +80,23 @@ class ConnectionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     search_fields = ("name",)
     filter_horizontal = ("feeds",)
     readonly_fields = STATUS_FIELDS
-    actions = ("pause_connections", "resume_connections")
+    actions = ("pause_connections", "resume_connections", "send_sample_payload")
+    change_list_template = "admin/integrations/connection/change_list.html"
+
+    def get_urls(self) -> list[URLPattern]:
+        preview = path("preview/", self.admin_site.admin_view(self.preview), name="integrations_connection_preview")
+        return [preview, *super().get_urls()]
+
+    def preview(self, request: HttpRequest) -> HttpResponse:
+        return admin_tools.preview_view(request, self)
+
+    @admin.action(description="Send the sample payload to the selected connection", permissions=["change"])
+    def send_sample_payload(self, request: HttpRequest, queryset: QuerySet[Connection]) -> HttpResponse | None:
+        """POST a fully populated example of what the connection sends, for Qualtrics' "capture event" step."""
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one connection to send the sample payload to.", messages.ERROR)
+            return None
+        return admin_tools.send_sample(request, self, queryset.get())
 
     def get_fieldsets(self, request: HttpRequest, obj: Connection | None = None) -> Any:
         credentials: tuple[str, ...] = ("qualtrics_username", "qualtrics_api_token")
