@@ -14,7 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from events import dedup
-from events.event_types import RouteType
+from events.event_types import RouteType, route_type_of_notification
 from events.models import InboundBatch
 from integrations import batcher, delivery, jsontext, shaping
 from integrations.models import Connection, Delivery, Routing
@@ -75,7 +75,7 @@ def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: C
     if shaping.is_alias_request(data) or (shaped.send_without_events and not shaped.events):
         if shaped.has_content:
             deliveries = _route_whole_body(batch, data, connection, shaped)
-            routing.routed_count = 1
+            routing.routed_count = len(shaped.notifications) or 1
     elif shaped.has_content:
         encoded, unsendable = shaping.encode_events(shaped.events)
         deliveries = delivery.record_unsendable(connection, unsendable, batch=batch)
@@ -84,7 +84,12 @@ def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: C
             batcher.collect(connection, batch, shaping.device_key(data), encoded, shaped.notifications)
         elif encoded or shaped.notifications:
             deliveries += delivery.create_deliveries(
-                connection, shaped.envelope, encoded, batch=batch, one_per_event=True
+                connection,
+                shaped.envelope,
+                encoded,
+                batch=batch,
+                one_per_event=True,
+                notification_types=[_notification_type(n) for n in shaped.notifications],
             )
 
     routing.failed_count = sum(d.event_count for d in deliveries if d.status == Delivery.Status.FAILED)
@@ -105,7 +110,12 @@ def _route_whole_body(
     except (UnicodeEncodeError, TypeError, ValueError) as error:
         reason = f"body not representable as UTF-8 JSON: {error.__class__.__name__}"
         return delivery.record_unsendable(connection, [(shaping.ShapedEvent(0, route_type, None), reason)], batch=batch)
-    return [delivery.create_body_delivery(connection, body, batch, route_type)]
+    counted = len(shaped.notifications) or 1
+    return [delivery.create_body_delivery(connection, body, batch, route_type, counted)]
+
+
+def _notification_type(notification: Any) -> str:
+    return str(route_type_of_notification(notification.get("type")))
 
 
 def _mark_failed(batch: InboundBatch, reason: str) -> None:

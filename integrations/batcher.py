@@ -95,7 +95,9 @@ def flush_window(window_id: int) -> list[Delivery]:
 
 
 def _build_deliveries(window: BatchWindow) -> list[Delivery]:
-    items = list(window.items.all())
+    # Batches are routed in parallel, so item ids can interleave batches;
+    # arrival order is the batch order, then the order within each batch.
+    items = list(window.items.order_by("batch_id", "id"))
     if not items:
         return []
     newest = InboundBatch.objects.get(pk=max(item.batch_id for item in items))
@@ -112,7 +114,13 @@ def _build_deliveries(window: BatchWindow) -> list[Delivery]:
         shaping.ShapedEvent(index=position, route_type=item.route_type, event=None, body=item.body.encode())
         for position, item in enumerate(i for i in items if i.kind == WindowItem.Kind.EVENT)
     ]
-    return delivery.create_deliveries(window.connection, envelope, events, batch=newest, window=window)
+    # Notifications and eventless batches are counted as routed items, like events.
+    notification_types = [
+        item.route_type or "batch_without_events" for item in items if item.kind != WindowItem.Kind.EVENT
+    ]
+    return delivery.create_deliveries(
+        window.connection, envelope, events, batch=newest, window=window, notification_types=notification_types
+    )
 
 
 def _type_of(notification: Any) -> Any:

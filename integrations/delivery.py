@@ -55,10 +55,13 @@ def create_deliveries(
     batch: InboundBatch | None = None,
     window: BatchWindow | None = None,
     one_per_event: bool = False,
+    notification_types: Sequence[str] = (),
 ) -> list[Delivery]:
     """Store the POST bodies for `events` under `envelope`, and failed records for what cannot be sent.
 
-    An empty `events` gives one body with an empty events list.
+    An empty `events` gives one body with an empty events list. The consent
+    notifications in the envelope ride in every body but are counted once,
+    in the first, so that routed = delivered + pending + failed holds.
     """
     try:
         payloads = shaping.build_payloads(
@@ -79,6 +82,9 @@ def create_deliveries(
         )
         for body, included in payloads.bodies
     ]
+    if deliveries and notification_types:
+        deliveries[0].event_count += len(notification_types)
+        deliveries[0].event_types = sorted({*deliveries[0].event_types, *notification_types})
     Delivery.objects.bulk_create(deliveries)
     for shaped in payloads.too_large:
         reason = f"too large: event {shaped.index} alone exceeds {portal_setting('MAX_PAYLOAD_BYTES')} bytes"
@@ -86,13 +92,25 @@ def create_deliveries(
     return deliveries
 
 
-def create_body_delivery(connection: Connection, body: bytes, batch: InboundBatch, route_type: str) -> Delivery:
-    """Store a body that is sent whole (an alias request or an eventless batch), or a failed record if too large."""
+def create_body_delivery(
+    connection: Connection, body: bytes, batch: InboundBatch, route_type: str, counted: int = 1
+) -> Delivery:
+    """Store a body that is sent whole (an alias request or an eventless batch), or a failed record if too large.
+
+    `counted` is how many routed items the body stands for in the accounting.
+    """
     limit = portal_setting("MAX_PAYLOAD_BYTES")
     if len(body) > limit:
-        return _failed_record(connection, batch, None, [], f"too large: {len(body)} bytes exceeds {limit}")
+        failed = _failed_record(connection, batch, None, [], f"too large: {len(body)} bytes exceeds {limit}")
+        Delivery.objects.filter(pk=failed.pk).update(event_count=counted, event_types=[route_type])
+        failed.event_count = counted
+        return failed
     return Delivery.objects.create(
-        connection=connection, batch=batch, payload=body.decode("utf-8"), event_types=[route_type]
+        connection=connection,
+        batch=batch,
+        payload=body.decode("utf-8"),
+        event_count=counted,
+        event_types=[route_type],
     )
 
 

@@ -155,6 +155,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "store_processed": False,
         "polling_interval": env.float("PORTAL_FILESYSTEM_BROKER_POLL_SECONDS", default=0.05),
     }
+    CELERY_BROKER_TRANSPORT = "portal.filesystem_broker:Transport"
     for _folder in (_broker_dir, _broker_dir / "processed", _broker_dir / "control"):
         _folder.mkdir(parents=True, exist_ok=True)
 elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):

@@ -272,3 +272,45 @@ def test_duplicate_after_window_is_sent(settings):
     router.route_batch(resent(2, "r-2").pk)
 
     assert Delivery.objects.count() == 2
+
+
+ACCOUNTING_BODIES = {
+    "events and consent": {
+        "mp_deviceid": "d",
+        "events": [{"event_type": "custom_event", "data": {}}, {"event_type": "screen_view", "data": {}}],
+        "system_notifications": [{"type": "gdpr_change"}, {"type": "ccpa_change"}],
+    },
+    "consent only": {"mp_deviceid": "d", "events": [], "system_notifications": [{"type": "gdpr_change"}]},
+    "no events": {"mp_deviceid": "d", "events": []},
+}
+
+
+@pytest.mark.parametrize("as_batch", [False, True])
+@pytest.mark.parametrize("case", sorted(ACCOUNTING_BODIES))
+def test_routed_equals_delivery_counts(case, as_batch):
+    connection = ConnectionFactory(send_as_batch=as_batch, batch_window_seconds=0)
+    batch = InboundBatchFactory(body=json.dumps(ACCOUNTING_BODIES[case]))
+
+    router.route_batch(batch.pk)
+    batcher.flush_due_windows()
+
+    routing = Routing.objects.get(connection=connection)
+    counted = sum(Delivery.objects.filter(connection=connection).values_list("event_count", flat=True))
+    assert routing.routed_count > 0
+    assert counted == routing.routed_count
+
+
+def test_window_keeps_arrival_order():
+    from integrations.models import WindowItem
+
+    ConnectionFactory(event_types=["custom_event"], send_as_batch=True)
+    first = make_batch(events=[{"event_type": "custom_event", "data": {"event_name": "first"}}])
+    second = make_batch(events=[{"event_type": "custom_event", "data": {"event_name": "second"}}])
+    router.route_batch(second.pk)
+    router.route_batch(first.pk)
+    assert list(WindowItem.objects.order_by("pk").values_list("batch_id", flat=True)) == [second.pk, first.pk]
+
+    (sent,) = batcher.flush_window(BatchWindow.objects.get().pk)
+
+    names = [event["data"]["event_name"] for event in json.loads(sent.payload)["events"]]
+    assert names == ["first", "second"]
