@@ -17,9 +17,12 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import requests
+from django.views.decorators.debug import sensitive_variables
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.connection import create_connection
 
 from integrations.url_policy import UnsafeTargetError, check_resolved_addresses
 
@@ -47,9 +50,35 @@ _watched = threading.local()
 
 
 class _WatchedConnectionMixin:
-    """Registers each socket used for a request with the current attempt's watchdog."""
+    """Connects to the address the policy checked, and registers each socket with the attempt's watchdog.
+
+    Connecting to the checked address, rather than resolving the name again,
+    closes the window in which a DNS answer could change to a private
+    address. TLS still verifies the certificate against the host name.
+    """
 
     sock: socket.socket | None
+    host: str
+    port: int
+    timeout: Any
+    source_address: Any
+    socket_options: Any
+
+    def _new_conn(self) -> socket.socket:
+        pinned = getattr(_watched, "pinned", {}).get(self.host)
+        if not pinned:
+            return super()._new_conn()  # type: ignore[misc]
+        try:
+            return create_connection(
+                (pinned, self.port),
+                self.timeout,
+                source_address=self.source_address,
+                socket_options=self.socket_options,
+            )
+        except TimeoutError as error:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from error
+        except OSError as error:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {error}") from error  # type: ignore[arg-type]
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         super().request(*args, **kwargs)  # type: ignore[misc]
@@ -98,20 +127,23 @@ def _session() -> requests.Session:
 class _Watchdog:
     """Shuts down the attempt's sockets when the deadline passes, ending any blocked read."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, pinned: dict[str, str]) -> None:
         self.sockets: list[socket.socket] = []
+        self.pinned = pinned
         self.fired = False
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
     def __enter__(self) -> "_Watchdog":
         _watched.sockets = self.sockets
+        _watched.pinned = self.pinned
         self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
         _watched.sockets = None
+        _watched.pinned = {}
 
     def _fire(self) -> None:
         self.fired = True
@@ -120,6 +152,7 @@ class _Watchdog:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+@sensitive_variables("url", "headers", "request_headers")
 def post_json(
     url: str,
     body: bytes,
@@ -136,13 +169,14 @@ def post_json(
     """
     started = time.monotonic()
     parts = urlsplit(url)
+    host = parts.hostname or ""
     try:
-        check_resolved_addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        address = check_resolved_addresses(host, parts.port or (443 if parts.scheme == "https" else 80))
     except UnsafeTargetError as error:
         return Outcome(None, _elapsed_ms(started), error=f"unsafe target: {error}")
 
     request_headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": USER_AGENT, **headers}
-    watchdog = _Watchdog(total_timeout)
+    watchdog = _Watchdog(total_timeout, pinned={host: address})
     try:
         with watchdog:
             response = _session().post(
@@ -158,11 +192,11 @@ def post_json(
     except requests.exceptions.ConnectTimeout:
         return Outcome(None, _elapsed_ms(started), error=f"connect timed out after {connect_timeout:g} s")
     except requests.exceptions.SSLError as error:
-        return Outcome(None, _elapsed_ms(started), error=f"TLS error: {_reason(error)}")
+        return Outcome(None, _elapsed_ms(started), error=f"TLS error: {_reason(error, url)}")
     except (requests.exceptions.RequestException, OSError) as error:
         if watchdog.fired or isinstance(error, requests.exceptions.ReadTimeout):
             return Outcome(None, _elapsed_ms(started), error=f"timed out after {total_timeout:g} s")
-        return Outcome(None, _elapsed_ms(started), error=f"connection failed: {_reason(error)}")
+        return Outcome(None, _elapsed_ms(started), error=f"connection failed: {_reason(error, url)}")
 
     return Outcome(
         status_code=response.status_code,
@@ -185,11 +219,16 @@ def _read_excerpt(response: requests.Response) -> str:
     return kept.decode("utf-8", errors="replace")
 
 
-def _reason(error: BaseException) -> str:
-    """Return the innermost cause's class and message, which names the real failure."""
+def _reason(error: BaseException, url: str) -> str:
+    """Return the innermost cause's class and message, which names the real failure, without the URL's secrets."""
     while error.__context__ is not None and error.__context__ is not error:
         error = error.__context__
-    return f"{error.__class__.__name__}: {error}"[:300]
+    text = f"{error.__class__.__name__}: {error}"
+    parts = urlsplit(url)
+    for secret in (url, f"{parts.path}?{parts.query}", parts.query):
+        if secret and secret != "?":
+            text = text.replace(secret, "[URL]")
+    return text[:300]
 
 
 def _elapsed_ms(started: float) -> int:

@@ -81,15 +81,14 @@ def _validate_trigger_query(query: str) -> None:
         )
 
 
-def check_resolved_addresses(host: str, port: int) -> None:
-    """Raise UnsafeTargetError when `host` resolves to a non-public address.
+def check_resolved_addresses(host: str, port: int) -> str:
+    """Return the address to connect to; raise UnsafeTargetError when `host` resolves to a non-public one.
 
     Loopback addresses pass only when loopback targets are allowed. The
     check runs right before each send, so a name re-pointed after it was
-    saved is caught.
+    saved is caught, and the transport connects to the returned address
+    instead of resolving the name again.
     """
-    # NOTE: the address checked here is resolved again by the HTTP client, so
-    # a DNS answer that changes between the two lookups is not caught.
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
@@ -101,6 +100,7 @@ def check_resolved_addresses(host: str, port: int) -> None:
             continue
         if not address.is_global:
             raise UnsafeTargetError(f"{host} resolves to the non-public address {address}")
+    return str(infos[0][4][0])
 
 
 def rate_limit_key(url: str) -> str | None:

@@ -44,6 +44,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "events.middleware.InboundBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -112,10 +113,6 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=BASE_DIR / "staticfiles")
-
-# Inbound bodies larger than Django's 2.5 MB default are normal for big
-# mParticle batches, so the limit is the portal's own (see PORTAL_MAX_BODY_BYTES).
-DATA_UPLOAD_MAX_MEMORY_SIZE = None
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -200,6 +197,9 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 PORTAL = {
     # Largest inbound body accepted, in bytes; larger bodies get 413.
     "MAX_BODY_BYTES": env.int("PORTAL_MAX_BODY_BYTES", default=20 * 1024 * 1024),
+    # Failed inbound authentications per client address and minute before
+    # further attempts get 429.
+    "AUTH_FAILURES_PER_MINUTE": env.int("PORTAL_AUTH_FAILURES_PER_MINUTE", default=20),
     # Largest outbound POST body, in bytes of encoded JSON (Qualtrics' limit is 100 KB).
     "MAX_PAYLOAD_BYTES": env.int("PORTAL_MAX_PAYLOAD_BYTES", default=100_000),
     # Allow http:// and loopback POST URLs, for development and tests only.
@@ -232,6 +232,10 @@ PORTAL = {
     # rotate. Empty means one key derived from DJANGO_SECRET_KEY.
     "ENCRYPTION_KEYS": env.list("PORTAL_ENCRYPTION_KEYS", default=[]),
 }
+
+# Inbound bodies larger than Django's 2.5 MB default are normal for big
+# mParticle batches, so Django's limit follows the portal's own.
+DATA_UPLOAD_MAX_MEMORY_SIZE = PORTAL["MAX_BODY_BYTES"]
 
 LOGGING = {
     "version": 1,

@@ -11,11 +11,18 @@ from typing import Any
 
 import pytest
 from django.conf import settings as django_settings
+from django.core.cache import cache
 from django.db import connection
 
 from integrations.standin import running_standin
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def clear_cache() -> None:
+    """Start each test with empty rate-limit and throttle counters."""
+    cache.clear()
 
 
 @pytest.fixture

@@ -215,3 +215,40 @@ def test_enqueue_failure_keeps_batch(client, feed, monkeypatch, django_capture_o
     assert response.status_code == 202
     assert calls == [(response.json()["batch_id"],)]
     assert InboundBatch.objects.get().status == InboundBatch.Status.RECEIVED
+
+
+def test_declared_length_over_limit_rejected_early(client, feed, settings):
+    settings.PORTAL = {**settings.PORTAL, "MAX_BODY_BYTES": 1000}
+
+    response = post(client, BASE, feed.plain_secret, CONTENT_LENGTH="5000000")
+
+    assert response.status_code == 413
+    assert response.json() == {"detail": "The body exceeds the limit of 1000 bytes."}
+
+
+def test_django_body_limit_becomes_json_413(settings):
+    from django.core.exceptions import RequestDataTooBig
+    from django.test import RequestFactory
+
+    from events.middleware import InboundBodyLimitMiddleware
+
+    settings.PORTAL = {**settings.PORTAL, "MAX_BODY_BYTES": 1000}
+    middleware = InboundBodyLimitMiddleware(lambda request: None)
+
+    response = middleware.process_exception(RequestFactory().post(URL), RequestDataTooBig())
+
+    assert response.status_code == 413
+    assert b"1000 bytes" in response.content
+
+
+def test_failed_auth_throttled_per_address(client, feed, settings):
+    settings.PORTAL = {**settings.PORTAL, "AUTH_FAILURES_PER_MINUTE": 3}
+
+    answers = [post(client, BASE, "Bearer WRONG") for _ in range(4)]
+    other_address = post(client, BASE, "Bearer WRONG", REMOTE_ADDR="192.0.2.7")
+    good = post(client, BASE, feed.plain_secret)
+
+    assert [answer.status_code for answer in answers] == [401, 401, 401, 429]
+    assert "Retry-After" in answers[-1]
+    assert other_address.status_code == 401
+    assert good.status_code == 202

@@ -142,3 +142,23 @@ def test_stale_keepalive_connection_recovers(standin):
     assert send(standin.url).succeeded
     time.sleep(0.2)
     assert send(standin.url).succeeded
+
+
+def test_connects_to_checked_address(standin, monkeypatch):
+    monkeypatch.setattr("integrations.transport.check_resolved_addresses", lambda host, port: "127.0.0.1")
+    url = standin.url.replace("127.0.0.1", "qualtrics-pinning.invalid")
+
+    outcome = send(url)
+
+    assert outcome.status_code == 200
+    assert standin.records[0]["headers"]["Host"].startswith("qualtrics-pinning.invalid")
+
+
+def test_error_text_hides_url_token():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    outcome = send(f"http://127.0.0.1:{port}/inbound-event/v1/events/json/triggers?urlTokenId=FAKE123")
+
+    assert "FAKE123" not in outcome.error
