@@ -27,9 +27,29 @@ SECRET_HEADER = "Bearer FAKE-TOKEN-1234567890abcdef"
 URL_TOKEN = "8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b"
 
 
+def portal_permissions(*actions):
+    from django.contrib.auth.models import Permission
+
+    return Permission.objects.filter(
+        content_type__app_label__in=("events", "integrations"), codename__regex=rf"^({'|'.join(actions)})_"
+    )
+
+
 @pytest.fixture
 def staff(django_user_model):
-    return django_user_model.objects.create_user("operator", password="operator-password", is_staff=True)
+    """A staff operator with every permission on the portal's models."""
+    user = django_user_model.objects.create_user("operator", password="operator-password", is_staff=True)
+    user.user_permissions.set(portal_permissions("view", "add", "change", "delete"))
+    return user
+
+
+@pytest.fixture
+def read_only(django_user_model):
+    user = django_user_model.objects.create_user("auditor", password="auditor-password", is_staff=True)
+    user.user_permissions.set(portal_permissions("view"))
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
 
 
 @pytest.fixture
@@ -339,3 +359,72 @@ def test_schema_endpoint_returns_200(api):
 
 def test_schema_has_no_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yml"))
+
+
+def test_read_only_operator_can_read(read_only, secret_connection):
+    assert read_only.get("/api/v1/deliveries/").status_code == 200
+    response = read_only.get(f"/api/v1/connections/{secret_connection.pk}/")
+
+    assert response.status_code == 200
+    assert "FAKE-TOKEN" not in response.content.decode()
+
+
+def test_read_only_operator_cannot_change(read_only, secret_connection):
+    assert read_only.patch(f"/api/v1/connections/{secret_connection.pk}/", {"name": "x"}).status_code == 403
+    assert read_only.post(f"/api/v1/connections/{secret_connection.pk}/pause/").status_code == 403
+    assert read_only.post("/api/v1/deliveries/replay/", {}, format="json").status_code == 403
+    assert read_only.post("/api/v1/connections/", new_connection(), format="json").status_code == 403
+
+
+def test_staff_without_permissions_gets_403(django_user_model):
+    client = APIClient()
+    client.force_authenticate(django_user_model.objects.create_user("bare", password="pw", is_staff=True))
+
+    assert client.get("/api/v1/deliveries/").status_code == 403
+
+
+def test_pause_and_resume_connection(api, secret_connection):
+    paused = api.post(f"/api/v1/connections/{secret_connection.pk}/pause/")
+    resumed = api.post(f"/api/v1/connections/{secret_connection.pk}/resume/")
+
+    assert paused.status_code == 200
+    assert paused.json()["paused_at"] is not None
+    assert resumed.json()["paused_at"] is None
+
+
+def test_replay_one_delivery(api, secret_connection):
+    failed = DeliveryFactory.create(connection=secret_connection, status="failed")
+
+    response = api.post(f"/api/v1/deliveries/{failed.pk}/replay/")
+
+    assert response.json() == {"replayed": 1}
+    failed.refresh_from_db()
+    assert failed.status == "pending"
+
+
+def test_replay_by_filter_spans_pages(api, secret_connection):
+    other = ConnectionFactory.create()
+    DeliveryFactory.create_batch(60, connection=secret_connection, status="failed")
+    DeliveryFactory.create(connection=other, status="failed")
+    DeliveryFactory.create(connection=secret_connection, status="delivered")
+
+    response = api.post(
+        "/api/v1/deliveries/replay/", {"connection": secret_connection.pk, "status": "failed"}, format="json"
+    )
+
+    assert response.json() == {"replayed": 60}
+    assert Delivery.objects.filter(status="failed").count() == 1
+
+
+def test_replay_by_time_range(api, secret_connection):
+    old = DeliveryFactory.create(connection=secret_connection, status="failed")
+    Delivery.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=3))
+    DeliveryFactory.create(connection=secret_connection, status="failed")
+
+    response = api.post(
+        "/api/v1/deliveries/replay/",
+        {"created_before": (timezone.now() - timedelta(days=1)).isoformat()},
+        format="json",
+    )
+
+    assert response.json() == {"replayed": 1}

@@ -170,6 +170,20 @@ class DeliveryFilterSerializer(serializers.Serializer[Any]):
     status = serializers.ChoiceField(
         choices=Delivery.Status.choices, required=False, help_text="Only deliveries in this status."
     )
+    created_after = serializers.DateTimeField(required=False, help_text="Only deliveries created at or after this.")
+    created_before = serializers.DateTimeField(required=False, help_text="Only deliveries created before this.")
+
+
+class ReplayFilterSerializer(DeliveryFilterSerializer):
+    """Which deliveries to replay; only failed and cancelled ones among them are queued again."""
+
+    ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1), required=False, help_text="Only these deliveries."
+    )
+
+
+class ReplayResultSerializer(serializers.Serializer[Any]):
+    replayed = serializers.IntegerField(help_text="How many deliveries were queued again.")
 
 
 class RoutingSerializer(serializers.ModelSerializer[Routing]):

@@ -1,6 +1,7 @@
 """The staff-only management API: connections, feeds, deliveries and stored batches.
 
-Every view uses the project's default permission, IsAdminUser.
+Every view requires a staff user with the matching Django model permission
+(see `StaffModelPermissions`).
 """
 
 from typing import Any
@@ -13,6 +14,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from events.models import Feed, InboundBatch
+from integrations import delivery, protection
+from integrations.api.permissions import StaffChangePermission, StaffModelPermissions
 from integrations.api.serializers import (
     ConnectionSerializer,
     DeliveryDetailSerializer,
@@ -22,6 +25,8 @@ from integrations.api.serializers import (
     FeedSerializer,
     InboundBatchDetailSerializer,
     InboundBatchSerializer,
+    ReplayFilterSerializer,
+    ReplayResultSerializer,
 )
 from integrations.models import Connection, Delivery
 
@@ -29,6 +34,25 @@ from integrations.models import Connection, Delivery
 class ConnectionViewSet(viewsets.ModelViewSet[Connection]):
     queryset = Connection.objects.prefetch_related("feeds").order_by("name")
     serializer_class = ConnectionSerializer
+    permission_classes = [StaffModelPermissions]
+
+    @extend_schema(request=None, responses={200: ConnectionSerializer})
+    @action(detail=True, methods=["post"], permission_classes=[StaffChangePermission])
+    def pause(self, request: Request, pk: str | None = None) -> Response:
+        """Pause the connection until it is resumed; its deliveries wait meanwhile."""
+        connection = self.get_object()
+        protection.pause(connection, f"Paused by {request.user.get_username()} through the API.", auto_resume=False)
+        connection.refresh_from_db()
+        return Response(self.get_serializer(connection).data)
+
+    @extend_schema(request=None, responses={200: ConnectionSerializer})
+    @action(detail=True, methods=["post"], permission_classes=[StaffChangePermission])
+    def resume(self, request: Request, pk: str | None = None) -> Response:
+        """Resume the connection and queue the deliveries that waited for it."""
+        connection = self.get_object()
+        protection.resume(connection, reason=f"resumed by {request.user.get_username()} through the API")
+        connection.refresh_from_db()
+        return Response(self.get_serializer(connection).data)
 
 
 def secret_response(feed: Feed, secret: str, status_code: int) -> Response:
@@ -51,6 +75,7 @@ class FeedViewSet(
 
     queryset = Feed.objects.order_by("name")
     serializer_class = FeedSerializer
+    permission_classes = [StaffModelPermissions]
 
     def create(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
@@ -71,7 +96,7 @@ class FeedViewSet(
             )
 
     @extend_schema(request=None, responses={200: FeedSecretSerializer})
-    @action(detail=True, methods=["post"], url_path="rotate-secret")
+    @action(detail=True, methods=["post"], url_path="rotate-secret", permission_classes=[StaffChangePermission])
     def rotate_secret(self, request: Request, pk: str | None = None) -> Response:
         """Replace the feed's secret; the old secret stops working at once."""
         feed = self.get_object()
@@ -85,6 +110,7 @@ class DeliveryViewSet(viewsets.ReadOnlyModelViewSet[Delivery]):
     """Deliveries with their attempts, newest first. Only the detail includes the payload."""
 
     queryset = Delivery.objects.prefetch_related("attempts").order_by("-created_at", "-id")
+    permission_classes = [StaffModelPermissions]
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Delivery]]:
         return DeliveryDetailSerializer if self.action == "retrieve" else DeliverySerializer
@@ -97,15 +123,51 @@ class DeliveryViewSet(viewsets.ReadOnlyModelViewSet[Delivery]):
         queryset = super().get_queryset()
         if self.action != "list":
             return queryset
-        params = DeliveryFilterSerializer(data=self.request.query_params)
+        return filter_deliveries(queryset.defer("payload"), self.request.query_params)
+
+    @extend_schema(request=None, responses={200: ReplayResultSerializer})
+    @action(detail=True, methods=["post"], permission_classes=[StaffChangePermission])
+    def replay(self, request: Request, pk: str | None = None) -> Response:
+        """Queue this failed or cancelled delivery again with a fresh attempt budget."""
+        replayed = delivery.replay(Delivery.objects.filter(pk=self.get_object().pk))
+        return Response({"replayed": replayed})
+
+    @extend_schema(
+        request=ReplayFilterSerializer,
+        responses={200: ReplayResultSerializer},
+        operation_id="v1_deliveries_replay_matching",
+    )
+    @action(detail=False, methods=["post"], url_path="replay", permission_classes=[StaffChangePermission])
+    def replay_matching(self, request: Request) -> Response:
+        """Replay every failed or cancelled delivery matching the filter in the body, across all pages."""
+        params = ReplayFilterSerializer(data=request.data)
         params.is_valid(raise_exception=True)
-        return queryset.defer("payload").filter(**params.validated_data)
+        return Response({"replayed": delivery.replay(matching(Delivery.objects.all(), params.validated_data))})
+
+
+def filter_deliveries(queryset: QuerySet[Delivery], query: Any) -> QuerySet[Delivery]:
+    """Apply the list's query parameters; an invalid value raises a 400 response."""
+    params = DeliveryFilterSerializer(data=query)
+    params.is_valid(raise_exception=True)
+    return matching(queryset, params.validated_data)
+
+
+def matching(queryset: QuerySet[Delivery], filters: dict[str, Any]) -> QuerySet[Delivery]:
+    lookups = {
+        "ids": "pk__in",
+        "connection": "connection_id",
+        "status": "status",
+        "created_after": "created_at__gte",
+        "created_before": "created_at__lt",
+    }
+    return queryset.filter(**{lookups[name]: value for name, value in filters.items()})
 
 
 class InboundBatchViewSet(viewsets.ReadOnlyModelViewSet[InboundBatch]):
     """Stored inbound batches, newest first. Only the detail includes the body and the routings."""
 
     queryset = InboundBatch.objects.order_by("-received_at", "-id")
+    permission_classes = [StaffModelPermissions]
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[InboundBatch]]:
         return InboundBatchDetailSerializer if self.action == "retrieve" else InboundBatchSerializer
