@@ -2,11 +2,21 @@
 
 Numbers with a fraction or exponent are parsed as Decimal and integers as
 Python int, so no value passes through a float: 64-bit ids and long
-fractions keep every digit. Objects keep their key order. Text is encoded
-as UTF-8 without escapes, which fails on a lone surrogate (`"\\ud83d"`),
-since such a string has no UTF-8 form.
+fractions keep every digit. Two integers are parsed as Decimal because int
+cannot carry them: `-0` (int would drop the sign) and integers longer than
+Python's limit for int conversion (4,300 digits by default).
+
+Encoding writes a Decimal in Python's form: `1.10` goes out as `1.10`, but
+`1e400` as `1E+400` and `0.0000001` as `1E-7`. The digits and the value
+stay the same, and only the notation can change.
+
+Objects keep their key order; of a repeated key, the last value is kept at
+the first key's position. Text is encoded as UTF-8 without escapes, which
+fails on a lone surrogate (`"\\ud83d"`), since such a string has no UTF-8
+form.
 """
 
+from decimal import Decimal
 from typing import Any
 
 import simplejson
@@ -19,14 +29,28 @@ class InvalidJSON(ValueError):
 def parse(text: str) -> Any:
     """Parse JSON text; NaN and Infinity are rejected because JSON has no such values."""
     try:
-        return simplejson.loads(text, use_decimal=True, allow_nan=False)
+        return simplejson.loads(text, use_decimal=True, allow_nan=False, parse_int=_parse_int)
     except simplejson.JSONDecodeError as error:
         raise InvalidJSON(f"{error.msg} at line {error.lineno} column {error.colno}") from error
     except RecursionError as error:
         raise InvalidJSON("nested too deeply") from error
 
 
+def _parse_int(text: str) -> int | Decimal:
+    if text == "-0":
+        return Decimal(text)
+    try:
+        return int(text)
+    except ValueError:
+        # More digits than sys.get_int_max_str_digits() allows.
+        return Decimal(text)
+
+
 def encode(value: Any) -> bytes:
-    """Encode `value` as compact UTF-8 JSON; raises UnicodeEncodeError for a lone surrogate."""
-    text = simplejson.dumps(value, ensure_ascii=False, use_decimal=True, separators=(",", ":"))
+    """Encode `value` as compact UTF-8 JSON.
+
+    Raises UnicodeEncodeError for a lone surrogate and ValueError for NaN or
+    an infinity (float or Decimal).
+    """
+    text = simplejson.dumps(value, ensure_ascii=False, use_decimal=True, allow_nan=False, separators=(",", ":"))
     return text.encode("utf-8")

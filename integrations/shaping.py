@@ -8,24 +8,49 @@ clock. The steps are
 2. apply the connection's settings to the batch envelope and to each event;
 3. encode the result into POST bodies of at most `max_bytes` each.
 
-Matching rules, all exact and case-sensitive:
+Matching rules. Every comparison is exact and case-sensitive, and only a
+JSON string ever matches a string: no trimming, case folding or number to
+text conversion.
 
-- An event is routed when its route type (its `event_type`, or `other` for a
-  type outside mParticle's sixteen) is in the connection's routing, its type
-  is not switched off by a setting (Send Crash Events, Send Network
-  Performance Events, Include User Attribute Change Events, Include User
-  Identity Change Events, Send Validation Results and Send Alias Requests),
-  and, for a `custom_event`, its `event_name` and `custom_event_type` are
-  strings in the connection's allowlists when those are set.
-- A connection limited to one environment receives only batches whose
-  `environment` is exactly that value; a batch without one matches only
-  connections that take both.
-- A consent notification is kept when its type is in the routing and
-  dropped from the envelope otherwise; other notifications are kept.
-- A batch that arrived with no events is sent, as received with its settings
-  applied, when Send Batches without Events is on.
-- A body with `request_type: "alias"` is an alias request: it is sent, as
-  received, only when Send Alias Requests is on.
+- An event is routed when all of these hold:
+
+  - its route type is in the connection's routing. The route type is its
+    `event_type` when that is one of mParticle's sixteen type names, and
+    `other` for anything else, including a missing, null or non-string
+    `event_type`;
+  - no setting switches its `event_type` off: Send Crash Events
+    (`crash_report`), Send Network Performance Events
+    (`network_performance`), Include User Attribute Change Events
+    (`user_attribute_change`), Include User Identity Change Events
+    (`user_identity_change`), Send Validation Results (`validation_result`)
+    and Send Alias Requests (`alias`). The last two route as `other`, so
+    they need both `other` in the routing and their setting on;
+  - for a `custom_event` only: when the connection lists custom event
+    names, `data.event_name` is a string equal to one of them, and when it
+    lists custom event types, `data.custom_event_type` is a string equal
+    to one of them. A missing, null or numeric value never matches. Other
+    event types, `commerce_event` included, ignore both lists.
+
+  An entry of `events` that is not a JSON object is never routed.
+- A connection limited to one environment (`production` or `development`)
+  receives only batches whose `environment` is exactly that string. A
+  batch without an `environment` matches only connections that take both.
+- A consent notification (a `system_notifications` entry whose `type` is
+  `gdpr_change` or `ccpa_change`) is kept in the envelope and routed when
+  its type is in the routing, and removed from the envelope otherwise.
+  Other notifications are kept and are not routed on their own.
+- A batch whose `events` is missing, null, not a list or empty on arrival
+  is an eventless batch. It is sent whole, with the settings applied, when
+  Send Batches without Events is on. When the setting is off, it is sent
+  only if it carries a routed consent notification. A batch whose events
+  were all filtered out is not an eventless batch: it is sent only if it
+  carries a routed consent notification, whatever the setting.
+- A body with `request_type: "alias"` is an alias request. It is sent
+  exactly as received, with no setting applied, when Send Alias Requests
+  is on and the environment matches; the routing does not apply to it.
+
+Every filtered event, and every batch that sends nothing for a setting,
+is counted in `ShapedBatch.filtered` under its reason.
 """
 
 import uuid
@@ -176,12 +201,13 @@ def shape_batch(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBa
         if reason:
             shaped.filtered[reason] += 1
             continue
-        shaped.events.append(ShapedEvent(index, route_type_of_event(event["event_type"]), shape_event(event, settings)))
+        route_type = route_type_of_event(event.get("event_type"))
+        shaped.events.append(ShapedEvent(index, route_type, shape_event(event, settings)))
 
     if not events:
         if settings.send_batches_without_events:
             shaped.send_without_events = True
-        else:
+        elif not shaped.notifications:
             shaped.filtered["send_batches_without_events is off"] += 1
     return shaped
 
@@ -236,6 +262,7 @@ def shape_envelope(batch: Mapping[str, Any], settings: ShapingSettings) -> tuple
 
 
 def shape_event(event: Mapping[str, Any], settings: ShapingSettings) -> dict[str, Any]:
+    """Apply the event settings (only Include Location Information) to a copy of `event`."""
     shaped = dict(event)
     if not settings.include_location:
         _remove_path(shaped, ["data", "location"])
@@ -246,7 +273,8 @@ def identities_as_map(identities: Any) -> Any:
     """Return outbound `user_identities` (a list of identity objects) as the inbound object map.
 
     A map, null or any other value is returned unchanged. List entries
-    without a string `identity_type` cannot be keyed, so they are left out.
+    without a string `identity_type` cannot be keyed, so they are left out,
+    and of several entries with one `identity_type` the last one wins.
     """
     if not isinstance(identities, list):
         return identities
@@ -296,6 +324,11 @@ def build_payloads(
     `one_per_event`, every event gets its own body. An empty `events` gives
     one body with an empty events list. The envelope must encode (see
     `encode_envelope_parts`).
+
+    NOTE: that one body for an empty `events` is returned even when the
+    envelope alone exceeds `max_bytes`, because `EncodedPayloads` has no
+    place to report it and dropping it would lose it silently. It is the
+    only body that can exceed the limit.
     """
     prefix, suffix = encode_envelope_parts(envelope)
     result = EncodedPayloads()
@@ -329,7 +362,7 @@ def encode_envelope_parts(envelope: Mapping[str, Any]) -> tuple[bytes, bytes]:
     """Encode the envelope around its `events` list: the bytes before the list and after it.
 
     The list goes where `events` stood in the received batch, or last when it
-    was absent. Raises UnicodeEncodeError when the envelope holds a lone surrogate.
+    was absent. Raises UnicodeEncodeError when the envelope contains a lone surrogate.
     """
     marker = f"__portal_events_{uuid.uuid4().hex}__"
     body = dict(envelope)
