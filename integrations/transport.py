@@ -9,6 +9,7 @@ resolved addresses are checked before each attempt.
 """
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -27,6 +28,10 @@ from urllib3.util.connection import create_connection
 from integrations.url_policy import UnsafeTargetError, check_resolved_addresses
 
 USER_AGENT = "mparticle-qualtrics-portal/1.0"
+
+# urllib3 logs each request line, trigger URL and token included, at DEBUG.
+# The token is a credential, so that logger never goes below INFO.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
 EXCERPT_BYTES = 512
 
 

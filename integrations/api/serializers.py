@@ -163,10 +163,16 @@ class DeliveryDetailSerializer(DeliverySerializer):
         fields = (*DeliverySerializer.Meta.fields, "payload")
 
 
+# The largest primary key a 64-bit signed column holds; larger values cannot match any row.
+MAX_ID = 2**63 - 1
+
+
 class DeliveryFilterSerializer(serializers.Serializer[Any]):
     """The query parameters that filter the delivery list."""
 
-    connection = serializers.IntegerField(required=False, min_value=1, help_text="Only this connection's deliveries.")
+    connection = serializers.IntegerField(
+        required=False, min_value=1, max_value=MAX_ID, help_text="Only this connection's deliveries."
+    )
     status = serializers.ChoiceField(
         choices=Delivery.Status.choices, required=False, help_text="Only deliveries in this status."
     )
@@ -178,7 +184,9 @@ class ReplayFilterSerializer(DeliveryFilterSerializer):
     """Which deliveries to replay; only failed and cancelled ones among them are queued again."""
 
     ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1), required=False, help_text="Only these deliveries."
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        required=False,
+        help_text="Only these deliveries.",
     )
 
 

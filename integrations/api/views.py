@@ -30,11 +30,15 @@ from integrations.api.serializers import (
 )
 from integrations.models import Connection, Delivery
 
+# Primary keys as path parameters: up to 18 digits always fit a 64-bit column.
+ID_PATTERN = "[0-9]{1,18}"
+
 
 class ConnectionViewSet(viewsets.ModelViewSet[Connection]):
     queryset = Connection.objects.prefetch_related("feeds").order_by("name")
     serializer_class = ConnectionSerializer
     permission_classes = [StaffModelPermissions]
+    lookup_value_regex = ID_PATTERN
 
     @extend_schema(request=None, responses={200: ConnectionSerializer})
     @action(detail=True, methods=["post"], permission_classes=[StaffChangePermission])
@@ -76,6 +80,7 @@ class FeedViewSet(
     queryset = Feed.objects.order_by("name")
     serializer_class = FeedSerializer
     permission_classes = [StaffModelPermissions]
+    lookup_value_regex = ID_PATTERN
 
     def create(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
@@ -111,6 +116,7 @@ class DeliveryViewSet(viewsets.ReadOnlyModelViewSet[Delivery]):
 
     queryset = Delivery.objects.prefetch_related("attempts").order_by("-created_at", "-id")
     permission_classes = [StaffModelPermissions]
+    lookup_value_regex = ID_PATTERN
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Delivery]]:
         return DeliveryDetailSerializer if self.action == "retrieve" else DeliverySerializer
@@ -168,6 +174,7 @@ class InboundBatchViewSet(viewsets.ReadOnlyModelViewSet[InboundBatch]):
 
     queryset = InboundBatch.objects.order_by("-received_at", "-id")
     permission_classes = [StaffModelPermissions]
+    lookup_value_regex = ID_PATTERN
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[InboundBatch]]:
         return InboundBatchDetailSerializer if self.action == "retrieve" else InboundBatchSerializer
