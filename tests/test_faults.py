@@ -202,3 +202,20 @@ def restart_redis():
         check=True,
     )
     assert wait_for(lambda: subprocess.run(["redis-cli", "ping"], capture_output=True).returncode == 0, timeout=10)
+
+
+@pytest.mark.parametrize("retry_after", ["2", "soon"])
+def test_429_retry_after_respected(celery_processes, standin, retry_after):
+    standin.configure(fail_first=1, fail_status=429, retry_after=retry_after)
+    item = new_delivery(ConnectionFactory(post_url=standin.url))
+
+    deliver.delay(item.pk)
+
+    assert wait_for(lambda: status_of(item) == "delivered", timeout=30), celery_processes.log("worker")
+    first, second = item.attempts.order_by("number").values_list("started_at", flat=True)
+    gap = (second - first).total_seconds()
+    if retry_after == "2":
+        assert gap >= 2
+    else:
+        assert gap >= 0.25
+    assert len(standin.records) == 2

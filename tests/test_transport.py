@@ -3,6 +3,9 @@
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -138,12 +141,6 @@ def test_private_target_never_contacted(settings):
     assert outcome.error.startswith("unsafe target")
 
 
-def test_stale_keepalive_connection_recovers(standin):
-    assert send(standin.url).succeeded
-    time.sleep(0.2)
-    assert send(standin.url).succeeded
-
-
 def test_connects_to_checked_address(standin, monkeypatch):
     monkeypatch.setattr("integrations.transport.check_resolved_addresses", lambda host, port: "127.0.0.1")
     url = standin.url.replace("127.0.0.1", "qualtrics-pinning.invalid")
@@ -162,3 +159,48 @@ def test_error_text_hides_url_token():
     outcome = send(f"http://127.0.0.1:{port}/inbound-event/v1/events/json/triggers?urlTokenId=FAKE123")
 
     assert "FAKE123" not in outcome.error
+
+
+class _KeepAliveHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive; an idle connection is closed after `timeout` seconds."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 1.0
+    connections: ClassVar[set[int]] = set()
+    requests: ClassVar[list[str]] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).connections.add(self.client_address[1])
+        type(self).requests.append(self.headers["X-Delivery-Id"])
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_stale_keepalive_connections():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+
+    def deliver(n):
+        return post_json(url, b"{}", {"X-Delivery-Id": str(n)}, connect_timeout=1, total_timeout=5)
+
+    try:
+        first = deliver(0)
+        time.sleep(1.5)
+        second = deliver(1)
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            burst = list(pool.map(deliver, range(2, 22)))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert first.succeeded
+    assert second.succeeded, second.error
+    assert all(outcome.succeeded for outcome in burst)
+    assert sorted(_KeepAliveHandler.requests, key=int) == [str(n) for n in range(22)]
