@@ -314,3 +314,21 @@ def test_window_keeps_arrival_order():
 
     names = [event["data"]["event_name"] for event in json.loads(sent.payload)["events"]]
     assert names == ["first", "second"]
+
+
+def test_received_equals_routed_filtered_duplicate():
+    connection = ConnectionFactory(event_types=["custom_event", "crash_report"], send_crash_events=False)
+    router.route_batch(resent(1, "r-1", message_id="seen").pk)
+    events = [
+        {"event_type": "custom_event", "data": {"source_message_id": "seen"}},
+        {"event_type": "custom_event", "data": {"source_message_id": "new"}},
+        {"event_type": "crash_report", "data": {}},
+        {"event_type": "screen_view", "data": {}},
+    ]
+    batch = InboundBatchFactory(body=json.dumps({"mpid": 42, "events": events}))
+
+    router.route_batch(batch.pk)
+
+    routing = Routing.objects.get(batch=batch, connection=connection)
+    assert (routing.routed_count, routing.filtered_count, routing.duplicate_count) == (1, 2, 1)
+    assert routing.routed_count + routing.filtered_count + routing.duplicate_count == len(events)
