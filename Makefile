@@ -41,7 +41,8 @@ web: migrate
 	$(BIN)/gunicorn portal.wsgi --bind $${PORTAL_BIND:-127.0.0.1:8000} --workers $${WEB_CONCURRENCY:-2}
 
 worker: $(STAMP)
-	$(BIN)/celery -A portal worker --loglevel INFO --pool threads --concurrency $${WORKER_CONCURRENCY:-8}
+	$(BIN)/celery -A portal worker --loglevel INFO --pool threads --concurrency $${WORKER_CONCURRENCY:-8} \
+		-Q $${WORKER_QUEUES:-routing,deliveries,maintenance}
 
 beat: $(STAMP)
 	$(BIN)/celery -A portal beat --loglevel INFO
@@ -51,6 +52,17 @@ standin: $(STAMP)
 
 up: $(STAMP)
 	$(BIN)/python manage.py demo --no-seed --keep-running
+
+# The benchmark's load generator and profilers, installed beside the dev tools.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# The whole pipeline beside its ceilings, on PostgreSQL and Redis; BENCHMARKS.md has the results.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -18,6 +18,7 @@ from events.event_types import RouteType, route_type_of_notification
 from events.models import InboundBatch
 from integrations import batcher, delivery, jsontext, shaping
 from integrations.models import Connection, Delivery, Routing
+from portal import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def route_batch(batch_id: int) -> bool:
         batch.save(update_fields=["status", "routed_at", "event_count"])
         delivery.enqueue_after_commit(deliveries)
 
-    logger.info("router.routed batch=%s deliveries=%s", batch.pk, len(deliveries))
+    logger.info("router.routed", extra={"batch_id": batch.pk, "deliveries": len(deliveries)})
     return True
 
 
@@ -62,6 +63,7 @@ def connections_for(batch: InboundBatch) -> list[Connection]:
 def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: Connection) -> list[Delivery]:
     """Shape the batch for one connection and store what it receives; return new deliveries."""
     shaped = shaping.shape_batch(data, connection.shaping_settings())
+    metrics.count_filtered(connection.name, data, shaped.events)
     shaped.events, duplicates = dedup.split_duplicates(connection.pk, batch, data, shaped.events)
     routing = Routing(
         duplicate_count=duplicates,
@@ -81,7 +83,7 @@ def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: C
         deliveries = delivery.record_unsendable(connection, unsendable, batch=batch)
         routing.routed_count = len(shaped.events) + len(shaped.notifications)
         if connection.send_as_batch:
-            batcher.collect(connection, batch, shaping.device_key(data), encoded, shaped.notifications)
+            batcher.collect(connection, batch, _window_key(batch, data), encoded, shaped.notifications)
         elif encoded or shaped.notifications:
             deliveries += delivery.create_deliveries(
                 connection,
@@ -94,6 +96,7 @@ def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: C
 
     routing.failed_count = sum(d.event_count for d in deliveries if d.status == Delivery.Status.FAILED)
     routing.save()
+    metrics.count_routed(connection.name, shaped)
     return deliveries
 
 
@@ -102,7 +105,7 @@ def _route_whole_body(
 ) -> list[Delivery]:
     """Route an alias request or a batch that arrived without events: sent whole, never per event."""
     if connection.send_as_batch and not shaping.is_alias_request(data):
-        batcher.collect(connection, batch, shaping.device_key(data), [], shaped.notifications)
+        batcher.collect(connection, batch, _window_key(batch, data), [], shaped.notifications)
         return []
     route_type = RouteType.OTHER if shaping.is_alias_request(data) else "batch_without_events"
     try:
@@ -118,11 +121,16 @@ def _notification_type(notification: Any) -> str:
     return str(route_type_of_notification(notification.get("type")))
 
 
+def _window_key(batch: InboundBatch, data: dict[str, Any]) -> str:
+    """Return the Send as Batch key; a batch without device or user ids gets a window of its own."""
+    return shaping.device_key(data) or f"batch:{batch.pk}"
+
+
 def _mark_failed(batch: InboundBatch, reason: str) -> None:
     batch.status = InboundBatch.Status.FAILED
     batch.error = reason
     batch.save(update_fields=["status", "error"])
-    logger.error("router.failed batch=%s reason=%s", batch.pk, reason)
+    logger.error("router.failed", extra={"batch_id": batch.pk, "reason": reason})
 
 
 def sweep_unrouted(grace_seconds: float) -> list[int]:

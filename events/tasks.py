@@ -4,11 +4,14 @@ from celery import shared_task
 
 from events import router
 from portal.conf import portal_setting
+from portal.logging import bound_request_id
 
 
 @shared_task(name="events.tasks.route_batch")
-def route_batch(batch_id: int) -> None:
-    router.route_batch(batch_id)
+def route_batch(batch_id: int, request_id: str | None = None) -> None:
+    """Route the batch; `request_id`, the inbound request's, tags the logs of the run."""
+    with bound_request_id(request_id):
+        router.route_batch(batch_id)
 
 
 @shared_task(name="events.tasks.sweep_unrouted_batches")

@@ -6,6 +6,7 @@ retries timeouts and 5xx answers, so a 2xx is sent only once the batch is
 committed, and 4xx only for input that can never succeed.
 """
 
+import hashlib
 import logging
 import zlib
 from typing import Any
@@ -22,7 +23,9 @@ from rest_framework.views import APIView
 from events.authentication import FeedSecretAuthentication
 from events.models import Feed, InboundBatch
 from integrations import jsontext
+from portal import metrics
 from portal.conf import portal_setting
+from portal.logging import inbound_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +68,24 @@ class InboundBatchView(APIView):
     def post(self, request: Request) -> Response:
         feed = request.auth
         assert isinstance(feed, Feed)
+        request_id = inbound_request_id(request.headers.get("X-Request-Id"))
+        headers = {"X-Request-Id": request_id}
         try:
             text, batch_object = read_json_object(request)
         except InboundError as error:
-            return Response({"detail": error.message}, status=error.status_code)
+            metrics.count_batch(feed.name, "rejected")
+            return Response({"detail": error.message}, status=error.status_code, headers=headers)
 
-        batch, duplicate = store_batch(feed, text, _source_request_id(batch_object))
+        batch, duplicate = store_batch(feed, text, _source_request_id(batch_object), request_id=request_id)
+        metrics.count_batch(feed.name, "duplicate" if duplicate else "accepted")
+        logger.info(
+            "inbound.accepted",
+            extra={"feed_id": feed.pk, "batch_id": batch.pk, "duplicate": duplicate, "request_id": request_id},
+        )
         return Response(
-            {"batch_id": batch.pk, "status": "accepted", "duplicate": duplicate}, status=status.HTTP_202_ACCEPTED
+            {"batch_id": batch.pk, "status": "accepted", "duplicate": duplicate},
+            status=status.HTTP_202_ACCEPTED,
+            headers=headers,
         )
 
 
@@ -125,8 +138,13 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
     return inflated
 
 
-def store_batch(feed: Feed, text: str, source_request_id: str | None) -> tuple[InboundBatch, bool]:
-    """Store the batch and queue its routing; a repeated source_request_id returns the first batch."""
+def store_batch(
+    feed: Feed, text: str, source_request_id: str | None, *, request_id: str | None = None
+) -> tuple[InboundBatch, bool]:
+    """Store the batch and queue its routing; a repeated source_request_id returns the first batch.
+
+    `request_id` is passed to the routing task, whose logs carry it.
+    """
     if source_request_id is not None:
         existing = InboundBatch.objects.filter(feed=feed, source_request_id=source_request_id).first()
         if existing is not None:
@@ -136,24 +154,28 @@ def store_batch(feed: Feed, text: str, source_request_id: str | None) -> tuple[I
             batch = InboundBatch.objects.create(
                 feed=feed, source_request_id=source_request_id, body=text, body_bytes=len(text.encode("utf-8"))
             )
-            transaction.on_commit(lambda: enqueue_routing(batch.pk))
+            transaction.on_commit(lambda: enqueue_routing(batch.pk, request_id))
     except IntegrityError:
         return InboundBatch.objects.get(feed=feed, source_request_id=source_request_id), True
     return batch, False
 
 
 def _source_request_id(batch: dict[str, Any]) -> str | None:
+    """Return the de-duplication key: the id as text, or its SHA-256 when it does not fit the column or holds NUL."""
     value = batch.get("source_request_id")
     if value is None or value == "":
         return None
-    return str(value)[:200]
+    text = str(value)
+    if len(text) > 200 or "\x00" in text:
+        return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return text
 
 
-def enqueue_routing(batch_id: int) -> None:
+def enqueue_routing(batch_id: int, request_id: str | None = None) -> None:
     """Queue routing; if the broker is down the batch stays stored and the sweeper queues it later."""
     from events.tasks import route_batch
 
     try:
-        route_batch.delay(batch_id)
+        route_batch.delay(batch_id, request_id=request_id)
     except Exception:
-        logger.exception("inbound.enqueue_failed batch=%s", batch_id)
+        logger.exception("inbound.enqueue_failed", extra={"batch_id": batch_id, "request_id": request_id})

@@ -89,7 +89,8 @@ def flush_window(window_id: int) -> list[Delivery]:
         deliveries = _build_deliveries(window)
         delivery.enqueue_after_commit(deliveries)
     logger.info(
-        "batcher.flushed connection=%s window=%s deliveries=%s", window.connection_id, window.pk, len(deliveries)
+        "batcher.flushed",
+        extra={"connection_id": window.connection_id, "window_id": window.pk, "deliveries": len(deliveries)},
     )
     return deliveries
 

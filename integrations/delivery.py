@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
+from urllib.parse import parse_qsl, urlsplit
 
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
@@ -23,11 +24,13 @@ from integrations.models import BatchWindow, Connection, Delivery, DeliveryAttem
 from integrations.retry_policy import RetryPolicy
 from integrations.secrets import mask_secret
 from integrations.transport import Outcome, post_json
+from portal import metrics
 from portal.conf import portal_setting
 
 logger = logging.getLogger(__name__)
 
 CLAIMABLE = (Delivery.Status.PENDING, Delivery.Status.RETRY_SCHEDULED)
+LOST_ATTEMPT = "worker lost during the attempt; the POST may have reached Qualtrics"
 # Retries due sooner than this are also queued with a countdown, so that they
 # run on time without waiting for the next sweep.
 COUNTDOWN_LIMIT_SECONDS = 300
@@ -41,10 +44,36 @@ def _enqueue(delivery_ids: Iterable[int], countdown: float | None = None) -> Non
 
 
 def enqueue_after_commit(deliveries: Sequence[Delivery]) -> None:
-    """Queue a delivery task for each pending delivery once the current transaction commits."""
-    ids = [delivery.pk for delivery in deliveries if delivery.status == Delivery.Status.PENDING]
+    """Queue tasks for new pending deliveries once the current transaction commits.
+
+    Each connection gets at most as many tasks as its concurrency limit; every
+    finished attempt queues the connection's next waiting delivery (see
+    `queue_next`), so a large batch does not flood the broker.
+    """
+    per_connection: dict[int, list[int]] = {}
+    for delivery in deliveries:
+        if delivery.status == Delivery.Status.PENDING:
+            per_connection.setdefault(delivery.connection_id, []).append(delivery.pk)
+    limits = dict(Connection.objects.filter(pk__in=per_connection).values_list("pk", "concurrency_limit"))
+    ids = [pk for connection_id, pks in per_connection.items() for pk in pks[: limits.get(connection_id, 1)]]
     if ids:
         transaction.on_commit(lambda: _enqueue(ids))
+
+
+def queue_next(connection_id: int, limit: int = 1) -> None:
+    """Queue the connection's oldest waiting deliveries that are due, up to `limit`."""
+    _enqueue(
+        list(due_deliveries(timezone.now()).filter(connection_id=connection_id).values_list("pk", flat=True)[:limit])
+    )
+
+
+def due_deliveries(now: datetime) -> QuerySet[Delivery]:
+    """Return the deliveries a worker could claim now, oldest first."""
+    return (
+        Delivery.objects.filter(status__in=CLAIMABLE)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .order_by(F("next_attempt_at").asc(nulls_first=True), "pk")
+    )
 
 
 def create_deliveries(
@@ -132,7 +161,15 @@ def _failed_record(
     events: Sequence[shaping.ShapedEvent],
     reason: str,
 ) -> Delivery:
-    logger.warning("delivery.unsendable connection=%s batch=%s reason=%s", connection.pk, batch and batch.pk, reason)
+    logger.warning(
+        "delivery.unsendable",
+        extra={
+            "connection_id": connection.pk,
+            "batch_id": batch and batch.pk,
+            "window_id": window and window.pk,
+            "reason": reason,
+        },
+    )
     return Delivery.objects.create(
         connection=connection,
         batch=batch,
@@ -189,6 +226,7 @@ def deliver(delivery_id: int, send: Callable[..., Outcome] = post_json) -> Deliv
 
     record_attempt(delivery, outcome, started_at, decision)
     protection.after_attempt(delivery.connection, outcome.status_code, decision.delivered, decision.retry_in)
+    queue_next(delivery.connection_id)
     return delivery
 
 
@@ -211,7 +249,11 @@ def policy_for(connection: Connection) -> RetryPolicy:
 
 
 def postpone(delivery: Delivery, until: datetime) -> None:
-    """Give back a claimed delivery unsent, due again at `until`; the claim's attempt is not counted."""
+    """Give back a claimed delivery unsent, due again at `until`; the claim's attempt is not counted.
+
+    No task is queued for it: the connection's next finished attempt or the
+    sweeper queues it once it is due, within the connection's limits.
+    """
     Delivery.objects.filter(
         pk=delivery.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=delivery.attempt_count
     ).update(
@@ -220,9 +262,6 @@ def postpone(delivery: Delivery, until: datetime) -> None:
         attempt_count=F("attempt_count") - 1,
         lease_expires_at=None,
     )
-    delay = (until - timezone.now()).total_seconds()
-    if delay <= COUNTDOWN_LIMIT_SECONDS:
-        _enqueue([delivery.pk], countdown=max(delay, 0.0))
 
 
 def enqueue_waiting(connection: Connection, limit: int = 1000) -> int:
@@ -291,7 +330,9 @@ def record_attempt(delivery: Delivery, outcome: Outcome, started_at: datetime, d
         _update_connection_health(delivery.connection, decision, now)
 
     _log_attempt(delivery, outcome, decision)
-    if decision.retry_in is not None and decision.retry_in <= COUNTDOWN_LIMIT_SECONDS:
+    metrics.observe_attempt(delivery.connection.name, attempt_result(decision), outcome.duration_ms)
+    paused = outcome.status_code in protection.PAUSING_STATUS
+    if decision.retry_in is not None and decision.retry_in <= COUNTDOWN_LIMIT_SECONDS and not paused:
         delivery_id = delivery.pk
         transaction.on_commit(lambda: _enqueue([delivery_id], countdown=decision.retry_in))
 
@@ -303,47 +344,99 @@ def _update_connection_health(connection: Connection, decision: retry_policy.Dec
         Connection.objects.filter(pk=connection.pk).update(last_error_at=now, last_error=decision.reason[:500])
 
 
+def attempt_result(decision: retry_policy.Decision) -> str:
+    """Return what an attempt led to: delivered, retry or failed."""
+    return "delivered" if decision.delivered else ("retry" if decision.retry_in is not None else "failed")
+
+
 def _log_attempt(delivery: Delivery, outcome: Outcome, decision: retry_policy.Decision) -> None:
     level = logging.INFO if decision.delivered else logging.WARNING
     logger.log(
         level,
-        "delivery.attempt connection=%s delivery=%s attempt=%s status=%s duration_ms=%s outcome=%s",
-        delivery.connection_id,
-        delivery.uuid,
-        delivery.attempt_count,
-        outcome.status_code,
-        outcome.duration_ms,
-        "delivered" if decision.delivered else ("retry" if decision.retry_in is not None else "failed"),
+        "delivery.attempt",
+        extra={
+            "connection_id": delivery.connection_id,
+            "delivery_id": str(delivery.uuid),
+            "batch_id": delivery.batch_id,
+            "window_id": delivery.window_id,
+            "attempt": delivery.attempt_count,
+            "status_code": outcome.status_code,
+            "duration_ms": outcome.duration_ms,
+            "outcome": attempt_result(decision),
+        },
     )
 
 
 def redact(text: str, connection: Connection) -> str:
-    """Remove the connection's secrets from text received from its server."""
-    for secret in (connection.authorization, connection.post_url):
-        if secret and len(secret) >= 4:
+    """Remove the connection's secrets from text received from its server.
+
+    Besides the whole header and URL, the URL's path with query, and every
+    query value of 4 or more characters (the trigger token), are masked, in
+    case the server echoes only part of the request.
+    """
+    parts = urlsplit(connection.post_url or "")
+    secrets = [connection.authorization, connection.post_url, f"{parts.path}?{parts.query}" if parts.query else ""]
+    secrets += [value for _, value in parse_qsl(parts.query)]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        if len(secret) >= 4:
             text = text.replace(secret, mask_secret(secret))
     return text
 
 
 def sweep() -> int:
-    """Re-queue due retries, stranded pending deliveries and expired leases; return how many were queued.
+    """Recover lost work and queue what is due, within each connection's free slots; return how many were queued.
 
-    A lease expires when its worker died mid-attempt. That attempt counts,
-    so a delivery whose attempts are used up is failed instead.
+    Three repairs come first. A lease that expired means its worker died
+    mid-attempt: the attempt is recorded as lost and counts, and a delivery
+    whose attempts are used up is failed. A delivery older than its
+    connection's maximum age is failed, paused or not.
     """
     now = timezone.now()
-    expired = Delivery.objects.filter(status=Delivery.Status.IN_FLIGHT, lease_expires_at__lt=now)
-    exhausted = F("attempts_before_replay") + F("connection__max_attempts")
-    expired.filter(attempt_count__gte=exhausted).update(
-        status=Delivery.Status.FAILED, last_error="worker lost during the last attempt", lease_expires_at=None
-    )
-    expired.update(status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at=now, lease_expires_at=None)
+    _recover_lost_attempts(now)
+    _expire_old(now)
 
     grace = now - timedelta(seconds=portal_setting("REQUEUE_AFTER_SECONDS"))
-    due = Delivery.objects.filter(
-        Q(status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at__lte=now)
-        | Q(status=Delivery.Status.PENDING, created_at__lt=grace)
-    ).values_list("pk", flat=True)[:1000]
-    ids = list(due)
-    _enqueue(ids)
-    return len(ids)
+    stranded = due_deliveries(now).filter(
+        Q(status=Delivery.Status.RETRY_SCHEDULED) | Q(created_at__lt=grace) | Q(replayed_at__lt=grace)
+    )
+    queued = 0
+    sendable = Q(paused_at__isnull=True) | Q(auto_resume=True, hold_until__lte=now)
+    for connection in Connection.objects.filter(sendable, pk__in=stranded.values("connection_id")):
+        in_flight = Delivery.objects.filter(connection=connection, status=Delivery.Status.IN_FLIGHT).count()
+        slots = max(connection.concurrency_limit - in_flight, 0)
+        ids = list(stranded.filter(connection=connection).values_list("pk", flat=True)[:slots])
+        _enqueue(ids)
+        queued += len(ids)
+    return queued
+
+
+def _recover_lost_attempts(now: datetime) -> None:
+    for item in Delivery.objects.filter(status=Delivery.Status.IN_FLIGHT, lease_expires_at__lt=now).select_related(
+        "connection"
+    )[:1000]:
+        with transaction.atomic():
+            lost = Delivery.objects.filter(
+                pk=item.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=item.attempt_count
+            ).update(status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at=now, lease_expires_at=None)
+            if not lost:
+                continue
+            DeliveryAttempt.objects.get_or_create(
+                delivery=item,
+                number=item.attempt_count,
+                defaults={"started_at": item.lease_expires_at, "duration_ms": 0, "error": LOST_ATTEMPT},
+            )
+            if item.attempt_count - item.attempts_before_replay >= item.connection.max_attempts:
+                Delivery.objects.filter(pk=item.pk).update(status=Delivery.Status.FAILED, last_error=LOST_ATTEMPT)
+
+
+def _expire_old(now: datetime) -> None:
+    waiting = Delivery.objects.filter(status__in=CLAIMABLE).select_related("connection")
+    for connection in Connection.objects.filter(pk__in=waiting.values("connection_id")):
+        cutoff = now - timedelta(seconds=connection.max_age_seconds)
+        waiting.filter(connection=connection).filter(
+            Q(replayed_at__isnull=True, created_at__lt=cutoff) | Q(replayed_at__lt=cutoff)
+        ).update(
+            status=Delivery.Status.FAILED,
+            last_error=f"expired, not delivered within {connection.max_age_seconds} s",
+            next_attempt_at=None,
+        )

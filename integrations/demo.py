@@ -468,6 +468,8 @@ def worker_command() -> list[str]:
         "8",
         "--loglevel",
         "WARNING",
+        "-Q",
+        "routing,deliveries,maintenance",
     ]
 
 

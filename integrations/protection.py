@@ -29,7 +29,6 @@ PAUSING_STATUS = {
     410: "The Qualtrics trigger was removed (410); update the POST URL and resume the connection.",
 }
 RATE_WINDOW_SECONDS = 60
-CONCURRENCY_BACKOFF_SECONDS = 1.0
 
 
 def admit(connection: Connection, delivery: Delivery, now: datetime) -> datetime | None:
@@ -43,7 +42,8 @@ def admit(connection: Connection, delivery: Delivery, now: datetime) -> datetime
     if connection.hold_until and connection.hold_until > now:
         return connection.hold_until
     if _in_flight_elsewhere(connection, delivery) >= connection.concurrency_limit:
-        return now + timedelta(seconds=CONCURRENCY_BACKOFF_SECONDS)
+        # Due again at once: the next finished attempt of this connection queues it.
+        return now
     wait = take_rate_token(connection.rate_limit_key, connection.rate_limit_per_minute)
     if wait:
         return now + timedelta(seconds=wait)
@@ -131,7 +131,9 @@ def pause(connection: Connection, reason: str, *, auto_resume: bool) -> None:
         paused_at=now, pause_reason=reason, auto_resume=auto_resume, hold_until=hold
     )
     if updated:
-        logger.warning("connection.paused connection=%s auto_resume=%s reason=%s", connection.pk, auto_resume, reason)
+        logger.warning(
+            "connection.paused", extra={"connection_id": connection.pk, "auto_resume": auto_resume, "reason": reason}
+        )
 
 
 def resume(connection: Connection, *, reason: str) -> int:
@@ -141,5 +143,5 @@ def resume(connection: Connection, *, reason: str) -> int:
     Connection.objects.filter(pk=connection.pk).update(
         paused_at=None, pause_reason="", auto_resume=False, hold_until=None
     )
-    logger.info("connection.resumed connection=%s reason=%s", connection.pk, reason)
+    logger.info("connection.resumed", extra={"connection_id": connection.pk, "reason": reason})
     return enqueue_waiting(connection)

@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -177,6 +179,27 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
+# One queue per kind of work, so that routing, deliveries and maintenance can
+# be given their own workers (`celery worker -Q deliveries`). Every worker
+# consumes all three by default. A task without a route goes to
+# `maintenance`, which every deployment consumes. Each queue has its own
+# exchange and routing key: without them Celery binds every queue to the
+# default queue's key, and each task would reach all three.
+CELERY_TASK_QUEUES = [
+    Queue(name, Exchange(name), routing_key=name) for name in ("routing", "deliveries", "maintenance")
+]
+CELERY_TASK_DEFAULT_QUEUE = "maintenance"
+CELERY_TASK_ROUTES = {
+    "events.tasks.route_batch": {"queue": "routing"},
+    "integrations.tasks.deliver": {"queue": "deliveries"},
+    "events.tasks.sweep_unrouted_batches": {"queue": "maintenance"},
+    "integrations.tasks.flush_due_windows": {"queue": "maintenance"},
+    "integrations.tasks.sweep_deliveries": {"queue": "maintenance"},
+}
+# The worker heartbeat task lives outside the apps' `tasks` modules.
+CELERY_IMPORTS = ["portal.health"]
+# Seconds between worker heartbeats; one is sent to each queue.
+_HEARTBEAT_SECONDS = env.float("PORTAL_HEARTBEAT_INTERVAL_SECONDS", default=30.0)
 CELERY_BEAT_SCHEDULE = {
     "flush-due-windows": {
         "task": "integrations.tasks.flush_due_windows",
@@ -189,6 +212,21 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-inbound-batches": {
         "task": "events.tasks.sweep_unrouted_batches",
         "schedule": env.float("PORTAL_SWEEP_INTERVAL_SECONDS", default=5.0),
+    },
+    **{
+        f"worker-heartbeat-{queue.name}": {
+            "task": "portal.health.worker_heartbeat",
+            "schedule": _HEARTBEAT_SECONDS,
+            "args": (queue.name,),
+            # A heartbeat nobody took in time says nothing; it must not pile up.
+            "options": {"queue": queue.name, "expires": _HEARTBEAT_SECONDS},
+        }
+        for queue in CELERY_TASK_QUEUES
+    },
+    # Daily, at a quiet hour; a run that stops at its chunk limit queues the next one itself.
+    "purge-old-records": {
+        "task": "integrations.tasks.purge_old_records",
+        "schedule": crontab(hour=3, minute=30),
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
@@ -231,25 +269,50 @@ PORTAL = {
     # first key encrypts; every key decrypts, so a new key is put first to
     # rotate. Empty means one key derived from DJANGO_SECRET_KEY.
     "ENCRYPTION_KEYS": env.list("PORTAL_ENCRYPTION_KEYS", default=[]),
+    # Bearer token that GET /metrics requires; empty leaves /metrics open.
+    "METRICS_TOKEN": env.str("PORTAL_METRICS_TOKEN", default=""),
+    # Seconds after which a queue's last worker heartbeat counts as stale on /readyz.
+    "HEARTBEAT_STALE_SECONDS": 3 * _HEARTBEAT_SECONDS,
+    # Days inbound batches and finished delivery records are kept before the daily purge deletes them.
+    "RETENTION_DAYS": env.int("PORTAL_RETENTION_DAYS", default=30),
 }
 
 # Inbound bodies larger than Django's 2.5 MB default are normal for big
 # mParticle batches, so Django's limit follows the portal's own.
 DATA_UPLOAD_MAX_MEMORY_SIZE = PORTAL["MAX_BODY_BYTES"]
 
+# JSON lines for log collectors in production, `event key=value` lines on a
+# console otherwise (portal.logging).
+LOG_FORMAT = env.str("PORTAL_LOG_FORMAT", default="json" if PRODUCTION else "console")
+if LOG_FORMAT not in ("json", "console"):
+    raise ImproperlyConfigured(f"PORTAL_LOG_FORMAT must be json or console, not {LOG_FORMAT!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "portal.logging.RequestIdFilter"}},
+    "formatters": {
+        "json": {"()": "portal.logging.JsonFormatter"},
+        "console": {"()": "portal.logging.ConsoleFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["request_id"]},
+    },
     "root": {"handlers": ["console"], "level": env.str("PORTAL_LOG_LEVEL", default="INFO")},
 }
+# Celery workers keep the handler above instead of installing their own format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# prometheus-client reads PROMETHEUS_MULTIPROC_DIR itself; every process of a
+# host writes its metrics there, so the folder must exist before the first one.
+_metrics_dir = env.str("PROMETHEUS_MULTIPROC_DIR", default="")
+if _metrics_dir:
+    Path(_metrics_dir).mkdir(parents=True, exist_ok=True)
 
 if PRODUCTION:
     _missing = [
         name
         for name, present in (
-            ("DJANGO_SECRET_KEY", SECRET_KEY != _DEVELOPMENT_SECRET_KEY),
+            ("DJANGO_SECRET_KEY", SECRET_KEY not in ("", _DEVELOPMENT_SECRET_KEY)),
             ("DJANGO_ALLOWED_HOSTS", "DJANGO_ALLOWED_HOSTS" in env),
             ("PORTAL_ENCRYPTION_KEYS", bool(PORTAL["ENCRYPTION_KEYS"])),
         )

@@ -15,8 +15,30 @@ from django.core.cache import cache
 from django.db import connection
 
 from integrations.standin import running_standin
+from portal.celery import app
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_filesystem_broker(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Give this test run a broker folder of its own, so that concurrent runs never take each other's tasks.
+
+    Celery processes started by the tests inherit it through the environment.
+    """
+    if not django_settings.CELERY_BROKER_URL.startswith("filesystem://"):
+        return
+    folder = tmp_path_factory.mktemp("broker")
+    for name in ("processed", "control"):
+        (folder / name).mkdir()
+    app.conf.broker_transport_options = {
+        **django_settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
+    }
+    os.environ["PORTAL_FILESYSTEM_BROKER_DIR"] = str(folder)
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +123,17 @@ def _purge_broker(env: dict[str, str]) -> None:
     )
 
 
-WORKER_ARGS = ("worker", "--pool", "threads", "--concurrency", "4", "--loglevel", "INFO")
+WORKER_ARGS = (
+    "worker",
+    "--pool",
+    "threads",
+    "--concurrency",
+    "4",
+    "--loglevel",
+    "INFO",
+    "-Q",
+    "routing,deliveries,maintenance",
+)
 
 
 @pytest.fixture

@@ -140,7 +140,8 @@ def test_sweeper_fails_expired_last_attempt(pending, monkeypatch):
 
     pending.refresh_from_db()
     assert pending.status == Delivery.Status.FAILED
-    assert pending.last_error == "worker lost during the last attempt"
+    assert pending.last_error == delivery.LOST_ATTEMPT
+    assert pending.attempts.get().error == delivery.LOST_ATTEMPT
 
 
 def test_sweeper_requeues_due_retry_only(pending, monkeypatch):
@@ -179,3 +180,74 @@ def test_late_result_of_lost_lease_ignored(pending):
     pending.refresh_from_db()
     assert pending.status == Delivery.Status.DELIVERED
     assert pending.attempts.count() == 2
+
+
+def test_sweeper_records_lost_attempt(pending, monkeypatch):
+    monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: None)
+    delivery.claim(pending.pk)
+    Delivery.objects.filter(pk=pending.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+
+    delivery.sweep()
+
+    attempt = pending.attempts.get()
+    assert attempt.number == 1
+    assert attempt.error == delivery.LOST_ATTEMPT
+
+
+def test_sweeper_expires_old_deliveries(pending, monkeypatch):
+    monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: None)
+    Connection.objects.filter(pk=pending.connection_id).update(max_age_seconds=60)
+    Delivery.objects.filter(pk=pending.pk).update(created_at=timezone.now() - timedelta(seconds=61))
+
+    delivery.sweep()
+
+    pending.refresh_from_db()
+    assert pending.status == Delivery.Status.FAILED
+    assert pending.last_error.startswith("expired")
+
+
+def test_sweeper_fills_free_slots_only(monkeypatch):
+    queued = []
+    monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: queued.extend(ids))
+    connection = ConnectionFactory(concurrency_limit=2)
+    due = timezone.now() - timedelta(seconds=1)
+    items = [
+        Delivery.objects.create(connection=connection, payload="{}", status="retry_scheduled", next_attempt_at=due)
+        for _ in range(5)
+    ]
+    delivery.claim(items[0].pk)
+
+    assert delivery.sweep() == 1
+    assert queued == [items[1].pk]
+
+
+def test_large_batch_queues_only_concurrency_limit(monkeypatch, django_capture_on_commit_callbacks):
+    queued = []
+    monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: queued.extend(ids))
+    connection = ConnectionFactory(concurrency_limit=3)
+    items = [Delivery.objects.create(connection=connection, payload="{}") for _ in range(10)]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery.enqueue_after_commit(items)
+
+    assert queued == [item.pk for item in items[:3]]
+
+
+def test_finished_attempt_queues_next(pending, monkeypatch):
+    queued = []
+    monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: queued.extend(ids))
+    waiting = Delivery.objects.create(connection=pending.connection, payload="{}")
+
+    delivery.deliver(pending.pk, send=Recorder(Outcome(200, 1)))
+
+    assert queued == [waiting.pk]
+
+
+def test_redact_masks_echoed_token():
+    connection = ConnectionFactory(
+        post_url="https://iad1.qualtrics.com/inbound-event/v1/events/json/triggers?urlTokenId=8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b"
+    )
+
+    text = delivery.redact("got /x?urlTokenId=8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b", connection)
+
+    assert "8c4e1f2a-6b3d-4e5f-9a7b" not in text

@@ -203,7 +203,7 @@ def test_enqueue_failure_keeps_batch(client, feed, monkeypatch, django_capture_o
 
     calls = []
 
-    def broker_down(*args):
+    def broker_down(*args, **kwargs):
         calls.append(args)
         raise ConnectionError("broker unavailable")
 
@@ -252,3 +252,23 @@ def test_failed_auth_throttled_per_address(client, feed, settings):
     assert "Retry-After" in answers[-1]
     assert other_address.status_code == 401
     assert good.status_code == 202
+
+
+@pytest.mark.parametrize("request_id", ["a\\u0000b", "x" * 300])
+def test_awkward_request_ids_deduplicate(client, feed, request_id):
+    body = '{"source_request_id": "' + request_id + '", "events": []}'
+
+    first = post(client, body, feed.plain_secret)
+    second = post(client, body, feed.plain_secret)
+
+    assert first.status_code == 202
+    assert second.json()["duplicate"] is True
+
+
+def test_long_request_ids_differ_after_200_characters(client, feed):
+    prefix = "x" * 250
+
+    post(client, '{"source_request_id": "' + prefix + '1"}', feed.plain_secret)
+    response = post(client, '{"source_request_id": "' + prefix + '2"}', feed.plain_secret)
+
+    assert response.json()["duplicate"] is False
