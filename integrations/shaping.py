@@ -53,6 +53,7 @@ Every filtered event, and every batch that sends nothing for a setting,
 is counted in `ShapedBatch.filtered` under its reason.
 """
 
+import hashlib
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,6 +73,7 @@ TYPE_TOGGLES = {
     "alias": "send_alias_requests",
 }
 METADATA_KEYS = ("application_info", "device_info", "source_info")
+DEVICE_KEY_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -143,13 +145,23 @@ def batch_events(batch: Mapping[str, Any]) -> list[Any]:
     return events if isinstance(events, list) else []
 
 
-def device_key(batch: Mapping[str, Any]) -> str:
-    """Return the key that groups a device's events under Send as Batch: mp_deviceid, else mpid."""
-    for key in ("mp_deviceid", "mpid"):
-        value = batch.get(key)
-        if value is not None and value != "":
-            return f"{key}:{value}"
-    return "unknown"
+def device_key(batch: Mapping[str, Any]) -> str | None:
+    """Return the key that groups events under Send as Batch: the device and the user, or None without either.
+
+    The user is part of the key because a window is sent under one batch's
+    envelope, identities included: events of two users of a shared device
+    must not go out under one user's identities. A batch with neither id
+    has no key, so its events are never merged with another batch's. Keys
+    longer than the column are hashed, and NUL, which PostgreSQL text
+    cannot hold, is replaced.
+    """
+    parts = [f"{name}:{batch[name]}" for name in ("mp_deviceid", "mpid") if batch.get(name) not in (None, "")]
+    if not parts:
+        return None
+    key = "|".join(parts).replace("\x00", "\ufffd")
+    if len(key) > DEVICE_KEY_LENGTH:
+        key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return key
 
 
 def filter_reason(event: Any, settings: ShapingSettings) -> str | None:

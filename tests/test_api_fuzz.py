@@ -16,7 +16,10 @@ from tests.factories import FeedFactory
 pytestmark = pytest.mark.django_db
 
 SCHEMA = schemathesis.openapi.from_dict(SchemaGenerator().get_schema(request=None, public=True))
-OPERATIONS = {operation.label: operation for operation in (result.ok() for result in SCHEMA.get_all_operations())}
+OPERATIONS = {
+    operation.label: operation
+    for operation in (result.ok() for result in SCHEMA.get_all_operations())  # type: ignore[union-attr]
+}
 APP = get_wsgi_application()
 
 

@@ -219,3 +219,56 @@ def test_429_retry_after_respected(celery_processes, standin, retry_after):
     else:
         assert gap >= 0.25
     assert len(standin.records) == 2
+
+
+def test_concurrent_repeats_sent_once(transactional_db):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection as db_connection
+
+    from events import router
+
+    connection = ConnectionFactory(event_types=["custom_event"], send_as_batch=False)
+    feed = FeedFactory()
+    event = {"event_type": "custom_event", "data": {"source_message_id": "same-message"}}
+    batches = [
+        InboundBatchFactory(feed=feed, body=json.dumps({"mpid": 7, "batch_id": n, "events": [event]})) for n in range(8)
+    ]
+
+    def route(batch_id):
+        try:
+            return router.route_batch(batch_id)
+        finally:
+            db_connection.close()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(route, [batch.pk for batch in batches]))
+
+    assert Delivery.objects.filter(connection=connection).count() == 1
+
+
+def test_thousands_of_keys_route(transactional_db):
+    from events import router
+
+    connection = ConnectionFactory(event_types=["custom_event"], send_as_batch=False)
+    events = [{"event_type": "custom_event", "data": {"source_message_id": f"m-{n}"}} for n in range(3000)]
+    batch = InboundBatchFactory(body=json.dumps({"mpid": 7, "events": events}))
+
+    assert router.route_batch(batch.pk)
+
+    assert Delivery.objects.filter(connection=connection).count() == 3000
+
+
+def test_nul_in_keys_routes(transactional_db):
+    from events import router
+
+    ConnectionFactory(event_types=["custom_event"], send_as_batch=True)
+    body = (
+        '{"mpid": "1\\u0000", "mp_deviceid": "d\\u0000",'
+        ' "events": [{"event_type": "custom_event", "data": {"source_message_id": "m\\u0000x"}}]}'
+    )
+    batch = InboundBatchFactory(body=body)
+
+    assert router.route_batch(batch.pk)
+
+    assert BatchWindow.objects.count() == 1

@@ -77,7 +77,7 @@ def test_retry_after_capped():
     assert decide(Outcome(429, 5, retry_after="86400"), 1, POLICY, now=NOW).retry_in == 3600
 
 
-@pytest.mark.parametrize("header", ["soon", "", "-5", "1.5e3"])
+@pytest.mark.parametrize("header", ["soon", "", "-5", "1.5e3", "²", "٣"])
 def test_invalid_retry_after_uses_backoff(header):
     decision = decide(Outcome(503, 5, retry_after=header), 1, POLICY, now=NOW)
 

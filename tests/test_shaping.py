@@ -745,8 +745,14 @@ def test_alias_request_ignores_routing():
 # Device key for Send as Batch.
 
 
-def test_device_key_prefers_mp_deviceid():
-    assert shaping.device_key({"mp_deviceid": "abc", "mpid": 5}) == "mp_deviceid:abc"
+def test_device_key_names_device_and_user():
+    assert shaping.device_key({"mp_deviceid": "abc", "mpid": 5}) == "mp_deviceid:abc|mpid:5"
+
+
+def test_device_key_separates_users_of_device():
+    assert shaping.device_key({"mp_deviceid": "abc", "mpid": 5}) != shaping.device_key(
+        {"mp_deviceid": "abc", "mpid": 6}
+    )
 
 
 @pytest.mark.parametrize("mp_deviceid", [None, ""])
@@ -754,8 +760,16 @@ def test_device_key_falls_back_to_mpid(mp_deviceid):
     assert shaping.device_key({"mp_deviceid": mp_deviceid, "mpid": -8183290287123456789}) == "mpid:-8183290287123456789"
 
 
-def test_device_key_unknown_without_ids():
-    assert shaping.device_key({"mpid": None}) == "unknown"
+def test_device_key_none_without_ids():
+    assert shaping.device_key({"mpid": None}) is None
+
+
+def test_device_key_fits_column_without_nul():
+    key = shaping.device_key({"mp_deviceid": "d\x00" + "x" * 500})
+
+    assert key is not None
+    assert len(key) <= 200
+    assert "\x00" not in key
 
 
 # Value fidelity.
