@@ -74,6 +74,9 @@ class InboundBatch(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED, db_index=True)
     routed_at = models.DateTimeField(null=True, blank=True)
     event_count = models.PositiveIntegerField(null=True, blank=True)
+    routing_attempts = models.PositiveIntegerField(
+        default=0, help_text="Routing runs that failed with an error; the batch fails after several."
+    )
     error = models.TextField(blank=True)
 
     class Meta:

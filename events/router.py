@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from events import dedup
@@ -131,6 +131,22 @@ def _mark_failed(batch: InboundBatch, reason: str) -> None:
     batch.error = reason
     batch.save(update_fields=["status", "error"])
     logger.error("router.failed", extra={"batch_id": batch.pk, "reason": reason})
+
+
+# Failed routing runs after which a batch is marked failed.
+MAX_ROUTING_ATTEMPTS = 5
+
+
+def record_failed_run(batch_id: int, error: BaseException) -> None:
+    """Count a routing run that raised; after MAX_ROUTING_ATTEMPTS the batch is failed with the error shown."""
+    reason = f"routing failed: {error.__class__.__name__}: {error}"[:1000]
+    InboundBatch.objects.filter(pk=batch_id, status=InboundBatch.Status.RECEIVED).update(
+        routing_attempts=F("routing_attempts") + 1, error=reason
+    )
+    failed = InboundBatch.objects.filter(
+        pk=batch_id, status=InboundBatch.Status.RECEIVED, routing_attempts__gte=MAX_ROUTING_ATTEMPTS
+    ).update(status=InboundBatch.Status.FAILED)
+    logger.error("router.run_failed", extra={"batch_id": batch_id, "reason": reason, "gave_up": bool(failed)})
 
 
 def sweep_unrouted(grace_seconds: float) -> list[int]:

@@ -332,3 +332,19 @@ def test_received_equals_routed_filtered_duplicate():
     routing = Routing.objects.get(batch=batch, connection=connection)
     assert (routing.routed_count, routing.filtered_count, routing.duplicate_count) == (1, 2, 1)
     assert routing.routed_count + routing.filtered_count + routing.duplicate_count == len(events)
+
+
+def test_failing_batch_gives_up_after_attempts(monkeypatch):
+    from events import tasks
+
+    batch = make_batch()
+    monkeypatch.setattr(router, "connections_for", lambda batch: 1 / 0)
+
+    for _ in range(router.MAX_ROUTING_ATTEMPTS):
+        with pytest.raises(ZeroDivisionError):
+            tasks.route_batch(batch.pk)
+
+    batch.refresh_from_db()
+    assert batch.status == InboundBatch.Status.FAILED
+    assert batch.routing_attempts == router.MAX_ROUTING_ATTEMPTS
+    assert batch.error == "routing failed: ZeroDivisionError: division by zero"
