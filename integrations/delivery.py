@@ -19,7 +19,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from events.models import InboundBatch
-from integrations import protection, retry_policy, shaping
+from integrations import jsontext, protection, retry_policy, shaping
 from integrations.models import BatchWindow, Connection, Delivery, DeliveryAttempt
 from integrations.retry_policy import RetryPolicy
 from integrations.secrets import mask_secret
@@ -90,15 +90,16 @@ def create_deliveries(
 
     An empty `events` gives one body with an empty events list. The consent
     notifications in the envelope ride in every body but are counted once,
-    in the first, so that routed = delivered + pending + failed holds.
+    in the first, so that routed = delivered + pending + failed holds. A lone
+    surrogate in the envelope is replaced by U+FFFD rather than failing
+    every event under it; events that hold one fail on their own before this.
     """
+    limit = portal_setting("MAX_PAYLOAD_BYTES")
     try:
-        payloads = shaping.build_payloads(
-            envelope, events, portal_setting("MAX_PAYLOAD_BYTES"), one_per_event=one_per_event
-        )
-    except (UnicodeEncodeError, TypeError, ValueError) as error:
-        reason = f"batch envelope not representable as UTF-8 JSON: {error.__class__.__name__}"
-        return [_failed_record(connection, batch, window, list(events), reason)]
+        payloads = shaping.build_payloads(envelope, events, limit, one_per_event=one_per_event)
+    except UnicodeEncodeError:
+        cleaned = jsontext.replace_lone_surrogates(envelope)
+        payloads = shaping.build_payloads(cleaned, events, limit, one_per_event=one_per_event)
 
     deliveries = [
         Delivery(

@@ -54,3 +54,22 @@ def encode(value: Any) -> bytes:
     """
     text = simplejson.dumps(value, ensure_ascii=False, use_decimal=True, allow_nan=False, separators=(",", ":"))
     return text.encode("utf-8")
+
+
+def replace_lone_surrogates(value: Any) -> Any:
+    """Return a copy of `value` in which every lone surrogate in keys and strings is U+FFFD."""
+    if isinstance(value, str):
+        return "".join("\ufffd" if _is_surrogate(char) else char for char in value) if _has_surrogate(value) else value
+    if isinstance(value, dict):
+        return {replace_lone_surrogates(key): replace_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [replace_lone_surrogates(item) for item in value]
+    return value
+
+
+def _is_surrogate(char: str) -> bool:
+    return "\ud800" <= char <= "\udfff"
+
+
+def _has_surrogate(text: str) -> bool:
+    return any(_is_surrogate(char) for char in text)

@@ -348,3 +348,20 @@ def test_failing_batch_gives_up_after_attempts(monkeypatch):
     assert batch.status == InboundBatch.Status.FAILED
     assert batch.routing_attempts == router.MAX_ROUTING_ATTEMPTS
     assert batch.error == "routing failed: ZeroDivisionError: division by zero"
+
+
+def test_bad_envelope_keeps_window_events():
+    ConnectionFactory(event_types=["custom_event"], send_as_batch=True)
+    router.route_batch(make_batch(events=[{"event_type": "custom_event", "data": {"event_name": "clean"}}]).pk)
+    bad = InboundBatchFactory(
+        feed=FeedFactory(),
+        body='{"mp_deviceid": "device-1", "user_attributes": {"nick": "\\ud83d"}, "events": []}',
+    )
+    router.route_batch(bad.pk)
+
+    (sent,) = batcher.flush_window(BatchWindow.objects.get().pk)
+
+    assert sent.status == Delivery.Status.PENDING
+    payload = json.loads(sent.payload)
+    assert payload["user_attributes"] == {"nick": "\ufffd"}
+    assert payload["events"][0]["data"]["event_name"] == "clean"
