@@ -43,7 +43,7 @@ from django.db.models import Count, Q, QuerySet, Sum
 
 from events.event_types import RouteType
 from events.models import Feed, InboundBatch
-from integrations import jsontext, protection, shaping
+from integrations import demo_showcase, jsontext, protection, shaping
 from integrations.models import BatchWindow, Connection, Delivery, DeliveryAttempt, Routing
 from portal.conf import portal_setting
 
@@ -86,7 +86,7 @@ class ConnectionPlan:
     event_types: tuple[str, ...]
     send_as_batch: bool
     batch_window_seconds: int = 3
-    overrides: Mapping[str, bool] = field(default_factory=dict)
+    overrides: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -120,6 +120,7 @@ class DemoOptions:
     var_dir: Path = DEFAULT_VAR_DIR
     seed: bool = True
     stop_after_summary: bool = False
+    showcase_settings: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,16 @@ def run_services(options: DemoOptions, supervisor: "Supervisor", write: Write) -
     """Start the children, then seed, post and report unless seeding is off, and return whether nothing failed."""
     standin_url = start_standin(supervisor, options, write)
     secrets = seed(standin_url, write) if options.seed else {}
+    if options.seed and options.showcase_settings:
+        seed_showcase(standin_url, write)
     base_url = start_portal(supervisor, options, write)
 
     succeeded = True
     if options.seed:
         posted = post_batches(base_url, secrets, write)
         succeeded = report(posted, options, supervisor, write)
+        if options.showcase_settings:
+            report_showcase(options.var_dir / "standin.jsonl", write)
     else:
         write(f"Not seeding: connections keep their POST URLs; the stand-in listens on {standin_url}.")
     write(f"Log in at {base_url}/admin/ as admin / admin. Logs are in {options.var_dir}/.")
@@ -397,6 +402,32 @@ def seed(standin_url: str, write: Write) -> dict[str, str]:
     return secrets
 
 
+def showcase_plans() -> list[ConnectionPlan]:
+    """Return the all-defaults connection and one connection per setting case, each routing every type."""
+    every_type = demo_showcase.ALL_ROUTE_TYPES
+    plans = [ConnectionPlan(demo_showcase.BASELINE_NAME, every_type, send_as_batch=False)]
+    for case in demo_showcase.CASES:
+        batched = case.setting == "send_as_batch"
+        overrides = {} if batched else {case.setting: case.value}
+        plans.append(ConnectionPlan(case.connection_name, every_type, send_as_batch=batched, overrides=overrides))
+    return plans
+
+
+def seed_showcase(standin_url: str, write: Write) -> None:
+    plans = showcase_plans()
+    for plan in plans:
+        seed_connection(plan, standin_url)
+    write(f"  {len(plans)} showcase connections: all defaults, and one per mParticle setting changed")
+
+
+def report_showcase(record_path: Path, write: Write) -> None:
+    """Print, per setting, how many bodies sent show its effect, beside the all-defaults connection."""
+    names = [plan.name for plan in showcase_plans()]
+    write("Settings showcase: bodies for which the question holds, per changed setting:")
+    for result in demo_showcase.compare(demo_showcase.bodies_by_connection(record_path, names)):
+        write(result.line())
+
+
 def seed_feed(name: str, write: Write) -> str:
     """Create or reactivate the feed with a new secret, print the secret once and return it."""
     feed = Feed.objects.filter(name=name).first() or Feed(name=name)
@@ -410,7 +441,7 @@ def seed_feed(name: str, write: Write) -> str:
 def seed_connection(plan: ConnectionPlan, standin_url: str) -> Connection:
     """Create or update the plan's connection, pointed at the stand-in and taking batches from every feed."""
     connection = Connection.objects.filter(name=plan.name).first() or Connection(name=plan.name)
-    token = uuid.uuid5(uuid.NAMESPACE_URL, f"portal-demo:{plan.name}")
+    token = demo_showcase.url_token(plan.name)
     connection.post_url = f"{standin_url}/inbound-event/v1/events/json/triggers?urlTokenId={token}"
     connection.authorization = DEMO_AUTHORIZATION
     connection.active = True

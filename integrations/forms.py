@@ -6,7 +6,7 @@ stored. The current values appear only masked, in the help text.
 """
 
 import base64
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.core.exceptions import ValidationError
@@ -14,6 +14,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 
 from events.event_types import RouteType
+from integrations import preview
 from integrations.metadata_fields import MetadataField
 from integrations.models import Connection
 from integrations.secrets import mask_secret, mask_url
@@ -256,3 +257,42 @@ class ConnectionForm(forms.ModelForm):  # type: ignore[type-arg]
         if len(names) < len(changed) and "authorization" not in names:
             names.append("authorization")
         return names
+
+
+FULL_SAMPLE = ""
+
+
+def sample_type_choices() -> list[tuple[str, str]]:
+    """Return a choice per event and notification type of the built-in sample batch, in its order."""
+    batch = preview.sample_batch()
+    types = [str(event.get("event_type")) for event in batch.get("events", []) if isinstance(event, dict)]
+    types += [str(note.get("type")) for note in batch.get("system_notifications", []) if isinstance(note, dict)]
+    labels = dict(RouteType.choices)
+    choices = [(FULL_SAMPLE, "The full sample payload (every type this connection routes)")]
+    for value in dict.fromkeys(types):
+        label = labels.get(value) or f"{value} (routed as Other)"
+        choices.append((value, label))
+    return choices
+
+
+class SampleSendForm(forms.Form):
+    """Which part of the sample batch a test send POSTs."""
+
+    event_type = forms.ChoiceField(
+        label="Send",
+        required=False,
+        help_text="One event type of the sample batch, shaped by this connection's settings, or all of it.",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cast(forms.ChoiceField, self.fields["event_type"]).choices = sample_type_choices()
+
+
+class PauseForm(forms.Form):
+    reason = forms.CharField(
+        max_length=300,
+        required=False,
+        widget=forms.TextInput(attrs={"class": "vLargeTextField"}),
+        help_text="Shown in the connection list while it is paused. Optional.",
+    )

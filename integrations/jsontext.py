@@ -73,3 +73,8 @@ def _is_surrogate(char: str) -> bool:
 
 def _has_surrogate(text: str) -> bool:
     return any(_is_surrogate(char) for char in text)
+
+
+def pretty(text: str) -> str:
+    """Return JSON text indented for reading, with every number and string exactly as in `text`."""
+    return simplejson.dumps(parse(text), indent=2, ensure_ascii=False, use_decimal=True)

@@ -247,6 +247,11 @@ class Routing(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["batch", "connection"], name="unique_routing")]
+        indexes = [
+            models.Index(
+                fields=["created_at", "connection", "routed_count", "filtered_count"], name="routing_created_counts"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"Batch {self.batch_id} → {self.connection}"
@@ -344,6 +349,8 @@ class Delivery(models.Model):
         indexes = [
             models.Index(fields=["status", "next_attempt_at"], name="delivery_due"),
             models.Index(fields=["connection", "status"], name="delivery_connection_status"),
+            # Covers the dashboard's and the connection list's counts over a time range.
+            models.Index(fields=["created_at", "connection", "status", "event_count"], name="delivery_created_outcome"),
         ]
 
     def __str__(self) -> str:
@@ -364,6 +371,8 @@ class DeliveryAttempt(models.Model):
     class Meta:
         ordering = ["delivery", "number"]
         constraints = [models.UniqueConstraint(fields=["delivery", "number"], name="unique_attempt_number")]
+        # The circuit breaker and the dashboard read recent attempts.
+        indexes = [models.Index(fields=["started_at"], name="attempt_started_at")]
 
     def __str__(self) -> str:
         return f"Attempt {self.number} of {self.delivery}"

@@ -45,6 +45,8 @@ def preview(batch: dict[str, Any], settings: shaping.ShapingSettings, max_bytes:
     shaped = shaping.shape_batch(batch, settings)
     if not shaped.has_content:
         return result
+    # The portal sends lone surrogates in the envelope as U+FFFD; see delivery.create_deliveries.
+    shaped.envelope = jsontext.replace_lone_surrogates(shaped.envelope)
 
     if shaping.is_alias_request(batch) or (shaped.send_without_events and not shaped.events):
         result.bodies = [shaping.encode_whole(shaped.envelope).decode()]

@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from integrations import batcher, delivery
+from integrations import batcher, delivery, retention
 
 
 @shared_task(name="integrations.tasks.deliver")
@@ -18,3 +18,14 @@ def flush_due_windows() -> None:
 @shared_task(name="integrations.tasks.sweep_deliveries")
 def sweep_deliveries() -> None:
     delivery.sweep()
+
+
+# Seconds before a purge that stopped at its chunk limit goes on, leaving the database room for other work.
+PURGE_CONTINUE_SECONDS = 60
+
+
+@shared_task(name="integrations.tasks.purge_old_records")
+def purge_old_records() -> None:
+    """Purge records past the retention period; queue another run while some remain."""
+    if not retention.run().finished:
+        purge_old_records.apply_async(countdown=PURGE_CONTINUE_SECONDS)

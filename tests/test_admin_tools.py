@@ -108,3 +108,13 @@ def test_send_sample_payload_action(admin_client, standin, allow_loopback):
     assert [note["type"] for note in sent["system_notifications"]] == ["gdpr_change"]
     assert connection.authorization not in page
     assert "urlTokenId=00000000" not in page
+
+
+def test_preview_handles_lone_surrogate_envelope(admin_client):
+    ConnectionFactory(name="Everything")
+    body = '{"user_attributes": {"nick": "\\ud83d"}, "events": [{"event_type": "custom_event", "data": {"n": 1.10}}]}'
+
+    response = admin_client.post(reverse("admin:integrations_connection_preview"), {"body": body})
+
+    assert response.status_code == 200
+    assert "&quot;n&quot;: 1.10" in response.content.decode()

@@ -41,6 +41,11 @@ class Command(BaseCommand):
             action="store_true",
             help="Only start the services: no feeds, connections or batches.",
         )
+        parser.add_argument(
+            "--showcase-settings",
+            action="store_true",
+            help="Also seed one connection per mParticle setting and print what each changed in the bodies sent.",
+        )
         ending = parser.add_mutually_exclusive_group()
         ending.add_argument(
             "--stop-after-summary", action="store_true", help="Stop everything after printing the summary."
@@ -60,6 +65,7 @@ class Command(BaseCommand):
             var_dir=options["var_dir"].resolve(),
             seed=not options["no_seed"],
             stop_after_summary=options["stop_after_summary"],
+            showcase_settings=options["showcase_settings"],
         )
         try:
             succeeded = demo.run(settings, self._write)
