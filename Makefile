@@ -36,6 +36,10 @@ check: $(STAMP)
 
 test: lint typecheck check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@# With PORTAL_TEST_RABBITMQ_URL set, the delivery fault tests run once more on RabbitMQ.
+	if [ -n "$$PORTAL_TEST_RABBITMQ_URL" ]; then \
+		CELERY_BROKER_URL="$$PORTAL_TEST_RABBITMQ_URL" $(BIN)/python -m pytest -m services tests/test_faults.py tests/test_end_to_end.py; \
+	fi
 
 web: migrate
 	$(BIN)/gunicorn portal.wsgi --bind $${PORTAL_BIND:-127.0.0.1:8000} --workers $${WEB_CONCURRENCY:-2}
