@@ -7,7 +7,7 @@ for `PORTAL_EVENT_DEDUP_SECONDS` (24 hours by default). An event without a
 `source_message_id`, or in a batch without an `mpid`, is never treated as a
 duplicate.
 
-Keys are claimed insert-first: each routing inserts the keys it sees with
+Keys are claimed insert-first: each routing inserts the keys of its events with
 ON CONFLICT DO NOTHING and then reads back which rows are its own. Two
 batches routed at the same moment therefore cannot both claim one event,
 because the unique constraint makes the second insert wait for the first
@@ -76,7 +76,7 @@ def _claim(connection_id: int, batch: InboundBatch, keys: list[Key]) -> set[Key]
     for chunk in _chunks(keys):
         message_ids = sorted({message_id for _, message_id in chunk})
         _forget_expired(connection_id, message_ids, window_start)
-        # Sorted keys take row locks in one order, so concurrent routings cannot deadlock.
+        # Sorted keys make concurrent routings lock SeenEvent rows in one order, so they cannot deadlock on them.
         SeenEvent.objects.bulk_create(
             [SeenEvent(connection_id=connection_id, mpid=m, source_message_id=s, batch=batch) for m, s in chunk],
             ignore_conflicts=True,

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class InboundError(Exception):
-    """Input that can never be accepted, with the HTTP status that says why."""
+    """Input that can never be accepted, with the HTTP status that explains why."""
 
     def __init__(self, status_code: int, message: str) -> None:
         super().__init__(message)

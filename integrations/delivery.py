@@ -232,7 +232,7 @@ def deliver(delivery_id: int, send: Callable[..., Outcome] = post_json) -> Deliv
 
 
 def decide(delivery: Delivery, outcome: Outcome, now: datetime) -> retry_policy.Decision:
-    """Apply the retry policy, except that a status that pauses the connection holds the delivery for later."""
+    """Apply the retry policy, except that a status that pauses the connection keeps the delivery for later."""
     if outcome.status_code in protection.PAUSING_STATUS:
         return retry_policy.Decision(delivered=False, retry_in=0.0, reason=retry_policy.describe(outcome))
     age = (now - (delivery.replayed_at or delivery.created_at)).total_seconds()
@@ -299,7 +299,7 @@ def replay(deliveries: QuerySet[Delivery]) -> int:
 
 
 def record_attempt(delivery: Delivery, outcome: Outcome, started_at: datetime, decision: retry_policy.Decision) -> None:
-    """Store the attempt and move the delivery to its next state, if this worker still holds it."""
+    """Store the attempt and move the delivery to its next state, if this worker still has its claim."""
     now = timezone.now()
     updates: dict[str, object] = {"last_status_code": outcome.status_code, "lease_expires_at": None}
     if decision.delivered:
@@ -347,7 +347,11 @@ def _update_connection_health(connection: Connection, decision: retry_policy.Dec
 
 def attempt_result(decision: retry_policy.Decision) -> str:
     """Return what an attempt led to: delivered, retry or failed."""
-    return "delivered" if decision.delivered else ("retry" if decision.retry_in is not None else "failed")
+    if decision.delivered:
+        return "delivered"
+    if decision.retry_in is not None:
+        return "retry"
+    return "failed"
 
 
 def _log_attempt(delivery: Delivery, outcome: Outcome, decision: retry_policy.Decision) -> None:

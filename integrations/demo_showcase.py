@@ -98,7 +98,7 @@ ALL_ROUTE_TYPES = tuple(RouteType)
 
 
 def url_token(connection_name: str) -> str:
-    """Return the urlTokenId the demo gives a connection's stand-in URL, which tells its requests apart."""
+    """Return the urlTokenId of a connection's stand-in URL, which identifies its requests in the record file."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"portal-demo:{connection_name}"))
 
 

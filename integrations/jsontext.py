@@ -59,7 +59,9 @@ def encode(value: Any) -> bytes:
 def replace_lone_surrogates(value: Any) -> Any:
     """Return a copy of `value` in which every lone surrogate in keys and strings is U+FFFD."""
     if isinstance(value, str):
-        return "".join("\ufffd" if _is_surrogate(char) else char for char in value) if _has_surrogate(value) else value
+        if not _has_surrogate(value):
+            return value
+        return "".join("\ufffd" if _is_surrogate(char) else char for char in value)
     if isinstance(value, dict):
         return {replace_lone_surrogates(key): replace_lone_surrogates(item) for key, item in value.items()}
     if isinstance(value, list):

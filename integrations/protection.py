@@ -20,7 +20,7 @@ from portal.conf import portal_setting
 
 logger = logging.getLogger(__name__)
 
-# Qualtrics answers these when the trigger URL or credentials are wrong; no
+# Qualtrics returns these when the trigger URL or credentials are wrong; no
 # retry can succeed until an operator fixes the connection.
 PAUSING_STATUS = {
     401: "Qualtrics rejected the Authorization header (401); fix it and resume the connection.",

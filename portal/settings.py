@@ -263,7 +263,7 @@ PORTAL = {
     "BREAKER_WINDOW_SECONDS": env.float("PORTAL_BREAKER_WINDOW_SECONDS", default=300.0),
     # First retry delay in seconds; each later retry doubles it, with jitter.
     "RETRY_BASE_SECONDS": env.float("PORTAL_RETRY_BASE_SECONDS", default=30.0),
-    # Longest delay between two attempts, in seconds.
+    # Maximum delay between two attempts, in seconds.
     "RETRY_MAX_SECONDS": env.float("PORTAL_RETRY_MAX_SECONDS", default=6 * 3600.0),
     # Seconds a worker holds a claimed delivery before the sweeper may hand it to another.
     "LEASE_SECONDS": env.float("PORTAL_LEASE_SECONDS", default=60.0),
