@@ -9,7 +9,7 @@ from typing import Any
 import simplejson
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
-from django.db.models import QuerySet
+from django.db.models import QuerySet, Sum
 from django.http import HttpRequest
 from django.template.defaultfilters import filesizeformat
 from django.utils.html import format_html
@@ -157,12 +157,26 @@ class InboundBatchAdmin(ReadOnlyModelAdmin):
         "received_at",
         "routed_at",
         "event_count",
+        "routing_attempts",
+        "delivery_outcomes",
         "body_size",
         "error",
         "pretty_body",
     )
     readonly_fields = fields
     inlines = (RoutingInline,)
+
+    @admin.display(description="Routed events by outcome")
+    def delivery_outcomes(self, obj: InboundBatch) -> str:
+        """Count the batch's routed events by delivery status, and those still waiting in a batch window."""
+        from integrations.models import BatchWindow, Delivery, WindowItem
+
+        counts = dict(
+            Delivery.objects.filter(batch=obj).values_list("status").annotate(events=Sum("event_count")).order_by()
+        )
+        waiting = WindowItem.objects.filter(batch=obj, window__status=BatchWindow.Status.OPEN).count()
+        parts = [f"{counts.get(status, 0) or 0} {label.lower()}" for status, label in Delivery.Status.choices]
+        return ", ".join([*parts, f"{waiting} waiting in batch windows"])
 
     @admin.display(description="Body size", ordering="body_bytes")
     def body_size(self, obj: InboundBatch) -> str:

@@ -28,6 +28,7 @@ from integrations.forms import FULL_SAMPLE, PauseForm, SampleSendForm
 from integrations.models import Connection, Delivery
 from integrations.secrets import mask_secret, mask_url
 from integrations.transport import USER_AGENT, Outcome, post_json
+from portal import health
 from portal.conf import portal_setting
 
 ModelAdmin: TypeAlias = "admin.ModelAdmin[Any]"
@@ -392,6 +393,7 @@ def dashboard_view(request: HttpRequest, model_admin: ModelAdmin) -> HttpRespons
             dashboard.latency(now, timedelta(hours=1), "Last hour", selected_id),
             dashboard.latency(now, timedelta(hours=24), "Last 24 hours", selected_id),
         ],
+        heartbeats=health.heartbeats(now),
         retention_days=retention.retention_days(),
         oldest=retention.oldest_records(),
         last_purge=retention.last_run(),

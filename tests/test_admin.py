@@ -471,3 +471,19 @@ def test_replay_action_requeues_failed(admin_client, queued, django_capture_on_c
     assert Delivery.objects.get(pk=failed.pk).status == Delivery.Status.PENDING
     assert Delivery.objects.get(pk=delivered.pk).status == Delivery.Status.DELIVERED
     assert queued == [failed.pk]
+
+
+def test_batch_page_shows_delivery_outcomes(admin_client):
+    from integrations.models import Delivery
+    from tests.factories import InboundBatchFactory
+
+    batch = InboundBatchFactory()
+    connection = ConnectionFactory.create()
+    Delivery.objects.create(connection=connection, batch=batch, event_count=3, status="delivered")
+    Delivery.objects.create(connection=connection, batch=batch, event_count=1, status="failed")
+
+    page = admin_client.get(f"/admin/events/inboundbatch/{batch.pk}/change/").content.decode()
+
+    assert "3 delivered" in page
+    assert "1 failed" in page
+    assert "0 waiting in batch windows" in page

@@ -578,3 +578,18 @@ def test_delete_action_despite_health_annotations(admin_client):
     admin_client.post(url("integrations_connection_changelist"), data)
 
     assert not Connection.objects.filter(pk=connection.pk).exists()
+
+
+def test_dashboard_shows_worker_heartbeats(admin_client):
+    from django.core.cache import cache
+
+    from portal.health import HEARTBEAT_CACHE_KEY
+
+    cache.set(
+        HEARTBEAT_CACHE_KEY.format(queue="deliveries"), {"hostname": "worker@host-7", "at": timezone.now().isoformat()}
+    )
+
+    page = admin_client.get(reverse("admin:integrations_dashboard")).content.decode()
+
+    assert "worker@host-7" in page
+    assert "no heartbeat seen" in page
