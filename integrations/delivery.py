@@ -60,6 +60,10 @@ def enqueue_after_commit(deliveries: Sequence[Delivery]) -> None:
         transaction.on_commit(lambda: _enqueue(ids))
 
 
+def _in_flight(connection_id: int) -> bool:
+    return Delivery.objects.filter(connection_id=connection_id, status=Delivery.Status.IN_FLIGHT).exists()
+
+
 def queue_next(connection_id: int, limit: int = 1) -> None:
     """Queue the connection's oldest waiting deliveries that are due, up to `limit`."""
     _enqueue(
@@ -212,7 +216,7 @@ def deliver(delivery_id: int, send: Callable[..., Outcome] = post_json) -> Deliv
     started_at = timezone.now()
     postpone_to = protection.admit(delivery.connection, delivery, started_at)
     if postpone_to is not None:
-        postpone(delivery, postpone_to)
+        step_back(delivery, postpone_to, started_at)
         return delivery
 
     outcome = send(
@@ -263,6 +267,18 @@ def postpone(delivery: Delivery, until: datetime) -> None:
         attempt_count=F("attempt_count") - 1,
         lease_expires_at=None,
     )
+
+
+def step_back(delivery: Delivery, until: datetime, now: datetime) -> None:
+    """Postpone a claimed delivery; if it is due at once and nothing of its connection is in flight, queue the next.
+
+    Two claims racing for a connection's last slot can both step back, each
+    seeing the other in flight. The later one finds nothing in flight and
+    wakes the connection, so its deliveries never wait for the sweeper.
+    """
+    postpone(delivery, until)
+    if until <= now and not _in_flight(delivery.connection_id):
+        queue_next(delivery.connection_id)
 
 
 def enqueue_waiting(connection: Connection, limit: int = 1000) -> int:

@@ -219,3 +219,17 @@ def test_replayed_delivery_gets_fresh_budget(no_broker):
     item = reload(item)
     assert item.status == Delivery.Status.RETRY_SCHEDULED
     assert item.attempts.get().number == 3
+
+
+def test_last_racer_wakes_connection(no_broker):
+    connection = ConnectionFactory(concurrency_limit=1)
+    first, second = make_delivery(connection), make_delivery(connection)
+    first, second = delivery.claim(first.pk), delivery.claim(second.pk)
+    now = timezone.now()
+
+    delivery.step_back(first, now, now)
+    queued_after_first = list(no_broker)
+    delivery.step_back(second, now, now)
+
+    assert queued_after_first == []
+    assert no_broker == [first.pk]
