@@ -14,7 +14,7 @@ def too_large(limit: int) -> JsonResponse:
 
 
 class InboundBodyLimitMiddleware:
-    """Answer 413 with a JSON error for inbound bodies over `PORTAL_MAX_BODY_BYTES`.
+    """Return 413 with a JSON error for inbound bodies over `PORTAL_MAX_BODY_BYTES`.
 
     A declared Content-Length over the limit is rejected before the body is
     read. Should anything read the body through Django's own limit

@@ -1,8 +1,8 @@
 """The inbound endpoint mParticle's Webhook output POSTs its batches to.
 
 The request path only validates, stores and enqueues: it never makes an
-outbound call, so it answers quickly whatever Qualtrics does. mParticle
-retries timeouts and 5xx answers, so a 2xx is sent only once the batch is
+outbound call, so it responds quickly whatever Qualtrics does. mParticle
+retries timeouts and 5xx responses, so a 2xx is sent only once the batch is
 committed, and 4xx only for input that can never succeed.
 """
 
@@ -161,7 +161,7 @@ def store_batch(
 
 
 def _source_request_id(batch: dict[str, Any]) -> str | None:
-    """Return the de-duplication key: the id as text, or its SHA-256 when it does not fit the column or holds NUL."""
+    """Return the de-duplication key: the id as text, or its SHA-256 when it does not fit the column or contains NUL."""
     value = batch.get("source_request_id")
     if value is None or value == "":
         return None

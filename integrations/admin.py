@@ -445,14 +445,18 @@ class DeliveryAdmin(ReadOnlyModelAdmin):
     @admin.display(description="End-to-end latency")
     def latency(self, obj: Delivery) -> str:
         """From the batch's arrival (or the window's opening, with Send as Batch) to the delivery."""
-        started = obj.window.opened_at if obj.window else (obj.batch.received_at if obj.batch else None)
+        started = None
+        if obj.window:
+            started = obj.window.opened_at
+        elif obj.batch:
+            started = obj.batch.received_at
         if obj.delivered_at is None or started is None:
             return "-"
         return f"{(obj.delivered_at - started).total_seconds():,.3f} s"
 
     @admin.display(description="Request headers")
     def request_headers(self, obj: Delivery) -> SafeString:
-        """The request line and headers of every attempt, with the connection's current Authorization masked."""
+        """Show the request line and headers of every attempt, with the connection's current Authorization masked."""
         return format_html('<pre class="cockpit-request">{}</pre>', admin_tools.request_text(obj))
 
     @admin.display(description="Payload")

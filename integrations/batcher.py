@@ -3,7 +3,7 @@
 A window opens with a device's first routed event and closes
 `batch_window_seconds` later. Flushing claims the window with a
 compare-and-set update (open → flushed), so two beat schedulers or two
-workers never send one window twice. The flushed batch holds the events in
+workers never send one window twice. The flushed batch contains the events in
 arrival order under the envelope of the newest inbound batch in the window.
 """
 

@@ -1,4 +1,4 @@
-"""What the operator's cockpit shows: connection health, traffic over time, latency and retention.
+"""The data of the operator's cockpit: connection health, traffic over time, latency and retention.
 
 Every query here is an aggregate that the database computes over a bounded
 range of a time column (`InboundBatch.received_at`, `Routing.created_at`,

@@ -46,7 +46,7 @@ def _enqueue(delivery_ids: Iterable[int], countdown: float | None = None) -> Non
 def enqueue_after_commit(deliveries: Sequence[Delivery]) -> None:
     """Queue tasks for new pending deliveries once the current transaction commits.
 
-    Each connection gets at most as many tasks as its concurrency limit; every
+    Each connection gets at most as many tasks as its concurrency limit. Every
     finished attempt queues the connection's next waiting delivery (see
     `queue_next`), so a large batch does not flood the broker.
     """
@@ -94,7 +94,7 @@ def create_deliveries(
 
     An empty `events` gives one body with an empty events list. The consent
     notifications in the envelope ride in every body but are counted once,
-    in the first, so that routed = delivered + pending + failed holds. A lone
+    in the first, so that routed = delivered + pending + failed stays true. A lone
     surrogate in the envelope is replaced by U+FFFD rather than failing
     every event under it; events that hold one fail on their own before this.
     """
@@ -274,7 +274,7 @@ def step_back(delivery: Delivery, until: datetime, now: datetime) -> None:
 
     Two claims racing for a connection's last slot can both step back, each
     seeing the other in flight. The later one finds nothing in flight and
-    wakes the connection, so its deliveries never wait for the sweeper.
+    wakes the connection, so its deliveries do not wait for the sweeper.
     """
     postpone(delivery, until)
     if until <= now and not _in_flight(delivery.connection_id):

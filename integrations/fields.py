@@ -21,7 +21,7 @@ def _fernet(keys: tuple[str, ...], secret_key: str) -> MultiFernet:
     try:
         return MultiFernet([Fernet(key.encode()) for key in keys])
     except ValueError as error:
-        raise ImproperlyConfigured(f"PORTAL_ENCRYPTION_KEYS holds an invalid Fernet key: {error}") from error
+        raise ImproperlyConfigured(f"PORTAL_ENCRYPTION_KEYS contains an invalid Fernet key: {error}") from error
 
 
 def field_cipher() -> MultiFernet:
@@ -30,7 +30,7 @@ def field_cipher() -> MultiFernet:
 
 
 class EncryptedTextField(models.TextField):  # type: ignore[type-arg]
-    """Stores its value Fernet-encrypted; Python code only ever sees plain text.
+    """Stores its value Fernet-encrypted; Python code only reads and writes plain text.
 
     Lookups other than isnull cannot work on ciphertext, so do not filter on it.
     """

@@ -276,7 +276,7 @@ def sample_type_choices() -> list[tuple[str, str]]:
 
 
 class SampleSendForm(forms.Form):
-    """Which part of the sample batch a test send POSTs."""
+    """The choice of what a test send POSTs: the full sample batch or one of its events."""
 
     event_type = forms.ChoiceField(
         label="Send",

@@ -1,4 +1,4 @@
-"""What a connection would send for a batch, why each event is in or out, and the JSONPaths to map.
+"""Previews of a batch per connection: the bodies it would get, why each event is in or out, and JSONPaths.
 
 Like shaping, this is pure: a parsed batch and a connection's settings in,
 plain data out. It does not know which events the connection has already

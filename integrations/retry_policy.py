@@ -1,7 +1,7 @@
 """What to do after an attempt: done, try again later, or give up.
 
 The rules follow what Qualtrics and mParticle document. Any 2xx is success
-(Qualtrics answers both 200 and 202). 408, 429, every 5xx, connection errors
+(Qualtrics returns both 200 and 202). 408, 429, every 5xx, connection errors
 and timeouts are transient and retried with exponential backoff and jitter;
 a `Retry-After` header (seconds or an HTTP date) sets the delay instead,
 capped at the maximum delay. Every other status, 3xx redirects included,

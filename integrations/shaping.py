@@ -112,7 +112,7 @@ class ShapedEvent:
 
 @dataclass
 class ShapedBatch:
-    """What one connection receives from one batch, and what it does not."""
+    """The part of one batch that one connection receives, with counts of what it does not."""
 
     envelope: dict[str, Any]
     events: list[ShapedEvent] = field(default_factory=list)
@@ -196,7 +196,7 @@ def environment_matches(batch: Mapping[str, Any], settings: ShapingSettings) -> 
 
 
 def shape_batch(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBatch:
-    """Route and shape one batch for one connection; never raises on any JSON object."""
+    """Route and shape one batch for one connection. It raises on no JSON object, as the property tests check."""
     events = batch_events(batch)
     if is_alias_request(batch):
         return _shape_alias_request(batch, settings)

@@ -1,4 +1,4 @@
-"""The HTTP client that POSTs payloads to Qualtrics. It knows no models.
+"""The HTTP client that POSTs payloads to Qualtrics. It imports no models.
 
 `post_json` takes a URL, headers and bytes and returns an `Outcome`; it
 never raises for anything the network or the server does. Every attempt is
@@ -37,7 +37,7 @@ EXCERPT_BYTES = 512
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one attempt produced: a status code, or an error without one."""
+    """The result of one attempt: a status code, or an error without one."""
 
     status_code: int | None
     duration_ms: int

@@ -1,4 +1,4 @@
-"""Which POST URLs a connection may have, checked when saved and again before each send.
+"""The rules for a connection's POST URL, checked when it is saved and again before each send.
 
 Qualtrics JSON Event trigger URLs look like
 `https://<datacenter>.qualtrics.com/inbound-event/v1/events/json/triggers?urlTokenId=<uuid>`,

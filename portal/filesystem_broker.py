@@ -2,7 +2,7 @@
 
 The stock transport creates a message file and then writes it, so a
 consumer polling in between can read an empty file and crash the worker
-(kombu issue 1551). It also moves consumed files to the system temporary
+(seen with kombu 5.7). It also moves consumed files to the system temporary
 folder, which is a copy rather than an atomic rename when that folder is on
 another file system, so two consumers can take one message. This transport
 writes each message under a temporary name and renames it into place, and

@@ -6,7 +6,7 @@
 - `GET /readyz` returns 200 when the database and the broker are reachable
   and every migration is applied, else 503. It is a readiness check for
   load balancers. It also shows each queue's last worker heartbeat, for
-  information only: inbound batches are stored and answered without
+  information only: inbound batches are stored and acknowledged without
   workers, so a stopped worker must not take the web servers out.
 
 Beat sends `worker_heartbeat` to each queue, and the worker that takes it

@@ -10,7 +10,7 @@ and `/metrics` shows the web process that serves the request.
 
 What can be read instead of counted (deliveries waiting, paused
 connections, queue depths) is read from the database and the broker at
-scrape time, so it is right whichever process answers.
+scrape time, so it is right whichever process serves the scrape.
 """
 
 import hmac

@@ -25,7 +25,7 @@ environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 # without the values that have no safe default.
 PRODUCTION = env.bool("PORTAL_PRODUCTION", default=False)
 # Off by default even in development: Django's debug page would show request
-# bodies and settings to whoever triggers an error.
+# bodies and settings to any client that triggers an error.
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
 _DEVELOPMENT_SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"
@@ -171,8 +171,8 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # bounds how long a killed worker's task waits.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)}
 
-# The cache holds the shared per-brand rate-limit counters: Redis when the
-# broker is Redis, so every worker counts together, otherwise per process.
+# The cache stores the shared per-brand rate-limit counters. It is Redis when
+# the broker is Redis, so every worker counts together, and per process otherwise.
 CACHE_URL = env.str(
     "CACHE_URL",
     default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "locmemcache://",
@@ -226,7 +226,7 @@ CELERY_BEAT_SCHEDULE = {
             "task": "portal.health.worker_heartbeat",
             "schedule": _HEARTBEAT_SECONDS,
             "args": (queue.name,),
-            # A heartbeat nobody took in time says nothing; it must not pile up.
+            # A heartbeat no worker took in time proves nothing, so it expires instead of piling up.
             "options": {"queue": queue.name, "expires": _HEARTBEAT_SECONDS},
         }
         for queue in CELERY_TASK_QUEUES
@@ -265,7 +265,7 @@ PORTAL = {
     "RETRY_BASE_SECONDS": env.float("PORTAL_RETRY_BASE_SECONDS", default=30.0),
     # Maximum delay between two attempts, in seconds.
     "RETRY_MAX_SECONDS": env.float("PORTAL_RETRY_MAX_SECONDS", default=6 * 3600.0),
-    # Seconds a worker holds a claimed delivery before the sweeper may hand it to another.
+    # Seconds a worker keeps a claimed delivery before the sweeper may hand it to another.
     "LEASE_SECONDS": env.float("PORTAL_LEASE_SECONDS", default=60.0),
     # Seconds after which a batch not yet routed, or a delivery still pending,
     # is queued again because its task was lost (a broker restart, say).

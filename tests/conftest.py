@@ -60,7 +60,7 @@ def standin() -> Iterator[Any]:
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
-    """Poll `condition` until it holds or `timeout` seconds pass; return whether it held."""
+    """Poll `condition` until it is true or `timeout` seconds pass, and return its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():

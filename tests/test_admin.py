@@ -17,7 +17,9 @@ from integrations.forms import ConnectionForm
 from integrations.models import BatchWindow, Connection, Delivery, Routing, WindowItem
 from integrations.secrets import mask_url
 from tests.factories import (
+    SECRET_HEADER,
     TEST_POST_URL,
+    URL_TOKEN,
     ConnectionFactory,
     DeliveryAttemptFactory,
     DeliveryFactory,
@@ -26,9 +28,6 @@ from tests.factories import (
 )
 
 pytestmark = pytest.mark.django_db
-
-SECRET_HEADER = "Bearer FAKE-TOKEN-1234567890abcdef"
-URL_TOKEN = "8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b"
 OTHER_POST_URL = (
     "https://sjc1.qualtrics.com/inbound-event/v1/events/json/triggers?urlTokenId=0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 )

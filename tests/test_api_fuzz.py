@@ -1,4 +1,4 @@
-"""Schemathesis over the OpenAPI schema: no operation answers 500, whatever it is sent."""
+"""Schemathesis over the OpenAPI schema: no operation returns 500, whatever it is sent."""
 
 import pytest
 import schemathesis

@@ -239,7 +239,11 @@ def seed_delivery(
 ) -> None:
     routing = Routing.objects.create(batch=batch, connection=connection, routed_count=events, filtered_count=1)
     Routing.objects.filter(pk=routing.pk).update(created_at=at)
-    status = Delivery.Status.PENDING if waiting else (Delivery.Status.FAILED if failed else Delivery.Status.DELIVERED)
+    status = Delivery.Status.DELIVERED
+    if failed:
+        status = Delivery.Status.FAILED
+    if waiting:
+        status = Delivery.Status.PENDING
     created = Delivery.objects.create(
         connection=connection, batch=batch, payload=PAYLOAD, event_count=events, status=status
     )

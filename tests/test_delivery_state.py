@@ -14,7 +14,7 @@ pytestmark = pytest.mark.django_db
 
 
 class Recorder:
-    """Stands in for `post_json`, answering with queued outcomes and recording calls."""
+    """A replacement for `post_json` that returns queued outcomes and records each call."""
 
     def __init__(self, *outcomes):
         self.outcomes = list(outcomes)

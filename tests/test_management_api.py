@@ -13,7 +13,9 @@ from events.models import Feed
 from integrations.models import Connection, Delivery
 from integrations.secrets import mask_url
 from tests.factories import (
+    SECRET_HEADER,
     TEST_POST_URL,
+    URL_TOKEN,
     ConnectionFactory,
     DeliveryAttemptFactory,
     DeliveryFactory,
@@ -22,9 +24,6 @@ from tests.factories import (
 )
 
 pytestmark = pytest.mark.django_db
-
-SECRET_HEADER = "Bearer FAKE-TOKEN-1234567890abcdef"
-URL_TOKEN = "8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b"
 
 
 def portal_permissions(*actions):

@@ -1,4 +1,4 @@
-"""Who may use the management API: staff users, limited by their Django model permissions."""
+"""Access rules of the management API: staff users, limited by their Django model permissions."""
 
 from typing import Any
 

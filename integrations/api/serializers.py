@@ -181,7 +181,7 @@ class DeliveryFilterSerializer(serializers.Serializer[Any]):
 
 
 class ReplayFilterSerializer(DeliveryFilterSerializer):
-    """Which deliveries to replay; only failed and cancelled ones among them are queued again."""
+    """The filter that selects deliveries to replay. Only the failed and cancelled ones are queued again."""
 
     ids = serializers.ListField(
         child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
