@@ -10,9 +10,7 @@ from integrations.models import Connection, Delivery, DeliveryAttempt
 # A secret Authorization header and trigger token that tests search for in pages, logs and records.
 SECRET_HEADER = "Bearer FAKE-TOKEN-1234567890abcdef"
 URL_TOKEN = "8c4e1f2a-6b3d-4e5f-9a7b-1c2d3e4f5a6b"
-TEST_POST_URL = (
-    f"https://iad1.qualtrics.com/inbound-event/v1/events/json/triggers?urlTokenId={URL_TOKEN}"
-)
+TEST_POST_URL = f"https://iad1.qualtrics.com/inbound-event/v1/events/json/triggers?urlTokenId={URL_TOKEN}"
 
 
 class FeedFactory(factory.django.DjangoModelFactory):
