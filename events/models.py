@@ -3,8 +3,11 @@
 import hashlib
 import hmac
 import secrets
+from typing import Any
 
-from django.db import models
+from django.db import connections, models
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Q
 
 SECRET_PREFIX = "mpf_"
@@ -22,7 +25,10 @@ def hash_feed_secret(secret: str) -> str:
 class FeedQuerySet(models.QuerySet["Feed"]):
     def authenticate(self, secret: str) -> "Feed | None":
         """Return the active feed whose secret is `secret`, or None."""
-        digest = hash_feed_secret(secret)
+        return self.authenticate_digest(hash_feed_secret(secret))
+
+    def authenticate_digest(self, digest: str) -> "Feed | None":
+        """Return the active feed whose secret has the SHA-256 hex digest `digest`, or None."""
         feed = self.filter(active=True, secret_hash=digest).first()
         if feed is None or not hmac.compare_digest(feed.secret_hash, digest):
             return None
@@ -53,6 +59,68 @@ class Feed(models.Model):
         return secret
 
 
+class InboundBatchQuerySet(models.QuerySet["InboundBatch"]):
+    def insert_received(self, *, feed_id: int, source_request_id: str | None, body: bytes) -> int | None:
+        """INSERT a received batch with its UTF-8 body and return its id, or None if its request id is a duplicate.
+
+        `ON CONFLICT DO NOTHING` takes the place of a duplicate check before the
+        INSERT. The statement raises no error on a duplicate, so it needs no
+        transaction or savepoint of its own. The table's only unique
+        constraints are the primary key and `unique_source_request_per_feed`.
+        """
+        connection = connections[self.db]
+        batch = InboundBatch(feed_id=feed_id, source_request_id=source_request_id, body_bytes=len(body))
+        columns, placeholders, params = [], [], []
+        for field in InboundBatch._meta.concrete_fields:
+            if field.primary_key:
+                continue
+            columns.append(connection.ops.quote_name(field.column))
+            if field.name != "body":
+                placeholders.append("%s")
+                params.append(field.get_db_prep_save(field.pre_save(batch, add=True), connection))
+            elif connection.vendor == "postgresql":
+                placeholders.append("convert_from(%s, 'UTF8')")
+                params.append(body)
+            else:
+                placeholders.append("%s")
+                params.append(body.decode("utf-8"))
+        table = connection.ops.quote_name(InboundBatch._meta.db_table)
+        key = connection.ops.quote_name(InboundBatch._meta.pk.column)
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(placeholders)})"
+            f" ON CONFLICT DO NOTHING RETURNING {key}"
+        )
+        with _cursor_binding_on_server(connection) as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        return None if row is None else int(row[0])
+
+    def id_for_request(self, feed_id: int, source_request_id: str) -> int | None:
+        """Return the id of the feed's batch with this source_request_id, or None."""
+        ids = self.filter(feed_id=feed_id, source_request_id=source_request_id).order_by().values_list("pk", flat=True)
+        return next(iter(ids[:1]), None)
+
+
+def _cursor_binding_on_server(connection: BaseDatabaseWrapper) -> CursorWrapper:
+    """Return a cursor that sends parameters to PostgreSQL apart from the SQL text, or an ordinary cursor elsewhere.
+
+    Django's psycopg cursors write each parameter into the SQL text as a
+    quoted literal. For a 10 MB body that took 48 MiB of memory on the way
+    in a measurement, against 19 MiB when the parameter was sent as it is.
+    """
+    if connection.vendor != "postgresql":
+        return connection.cursor()
+    import psycopg
+
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    connection.validate_thread_sharing()
+    with connection.wrap_database_errors:
+        # django-stubs declare make_cursor's argument as a CursorWrapper, but Django passes the driver's cursor.
+        cursor: Any = psycopg.Cursor(connection.connection)
+    return connection.make_debug_cursor(cursor) if connection.queries_logged else connection.make_cursor(cursor)
+
+
 class InboundBatch(models.Model):
     """One accepted mParticle POST body, stored verbatim before anything else happens.
 
@@ -78,6 +146,8 @@ class InboundBatch(models.Model):
         default=0, help_text="Routing runs that failed with an error; the batch fails after several."
     )
     error = models.TextField(blank=True)
+
+    objects = InboundBatchQuerySet.as_manager()
 
     class Meta:
         verbose_name_plural = "inbound batches"

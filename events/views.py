@@ -6,12 +6,16 @@ retries timeouts and 5xx responses, so a 2xx is sent only once the batch is
 committed, and 4xx only for input that can never succeed.
 """
 
+import codecs
 import hashlib
 import logging
 import zlib
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from django.db import IntegrityError, transaction
+import simplejson
+from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -71,26 +75,39 @@ class InboundBatchView(APIView):
         request_id = inbound_request_id(request.headers.get("X-Request-Id"))
         headers = {"X-Request-Id": request_id}
         try:
-            text, batch_object = read_json_object(request)
+            body = read_json_object(request)
         except InboundError as error:
             metrics.count_batch(feed.name, "rejected")
             return Response({"detail": error.message}, status=error.status_code, headers=headers)
 
-        batch, duplicate = store_batch(feed, text, _source_request_id(batch_object), request_id=request_id)
+        batch_id, duplicate = store_batch(feed, body.data, body.source_request_id, request_id=request_id)
+        del body
         metrics.count_batch(feed.name, "duplicate" if duplicate else "accepted")
         logger.info(
             "inbound.accepted",
-            extra={"feed_id": feed.pk, "batch_id": batch.pk, "duplicate": duplicate, "request_id": request_id},
+            extra={"feed_id": feed.pk, "batch_id": batch_id, "duplicate": duplicate, "request_id": request_id},
         )
         return Response(
-            {"batch_id": batch.pk, "status": "accepted", "duplicate": duplicate},
+            {"batch_id": batch_id, "status": "accepted", "duplicate": duplicate},
             status=status.HTTP_202_ACCEPTED,
             headers=headers,
         )
 
 
-def read_json_object(request: Request) -> tuple[str, dict[str, Any]]:
-    """Return the body as text and parsed, after checking size, encoding and that it is a JSON object."""
+@dataclass(frozen=True)
+class InboundBody:
+    """A body that is a UTF-8 JSON object, as bytes without a byte order mark, and its de-duplication key."""
+
+    data: bytes
+    source_request_id: str | None
+
+
+def read_json_object(request: Request) -> InboundBody:
+    """Read the body after checking its size, encoding and that it is a UTF-8 JSON object.
+
+    The decoded text lives only while the JSON is checked, and the check
+    keeps no parsed tree, so that a large body is held about once afterwards.
+    """
     limit = portal_setting("MAX_BODY_BYTES")
     raw = read_limited(request, limit)
     raw = decode_content(raw, request.META.get("HTTP_CONTENT_ENCODING", ""), limit)
@@ -98,14 +115,54 @@ def read_json_object(request: Request) -> tuple[str, dict[str, Any]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise InboundError(400, f"The body is not valid UTF-8 (invalid byte at offset {error.start}).") from error
-    text = text.removeprefix("\ufeff")
+    source_request_id = _source_request_id(check_json_object(text.removeprefix("\ufeff")))
+    del text
+    return InboundBody(raw.removeprefix(codecs.BOM_UTF8), source_request_id)
+
+
+class _Number(str):
+    """The text of a JSON number, left unconverted while a body is checked."""
+
+
+class _ObjectSummary:
+    """Summary of a JSON object kept while a body is checked: its `source_request_id` value, or MISSING."""
+
+    MISSING = object()
+    __slots__ = ("source_request_id",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        self.source_request_id = dict(pairs).get("source_request_id", self.MISSING)
+
+
+def check_json_object(text: str) -> Any:
+    """Check that `text` is a JSON object as `jsontext.parse` reads it, and return its `source_request_id` value.
+
+    It runs the same simplejson decoder with NaN and Infinity rejected, so it
+    accepts and rejects the same texts with the same messages. Numbers stay
+    text and each object becomes a summary, so no parsed tree is built. The
+    value is returned as `jsontext.parse` gives it, and None when missing.
+    """
     try:
-        value = jsontext.parse(text)
-    except jsontext.InvalidJSON as error:
-        raise InboundError(400, f"The body is not valid JSON: {error}.") from error
-    if not isinstance(value, dict):
+        value = simplejson.loads(
+            text, allow_nan=False, parse_int=_Number, parse_float=_Number, object_pairs_hook=_ObjectSummary
+        )
+    except simplejson.JSONDecodeError as error:
+        raise InboundError(
+            400, f"The body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}."
+        ) from error
+    except RecursionError as error:
+        raise InboundError(400, "The body is not valid JSON: nested too deeply.") from error
+    if not isinstance(value, _ObjectSummary):
         raise InboundError(400, "The body must be a JSON object (an mParticle batch).")
-    return text, value
+    request_id = value.source_request_id
+    if request_id is _ObjectSummary.MISSING:
+        return None
+    if isinstance(request_id, _Number):
+        return jsontext.parse(request_id)
+    if isinstance(request_id, (list, _ObjectSummary)):
+        # A container: its text form needs every value, so parse the body in full.
+        return jsontext.parse(text).get("source_request_id")
+    return request_id
 
 
 def read_limited(request: Request, limit: int) -> bytes:
@@ -139,30 +196,29 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
 
 
 def store_batch(
-    feed: Feed, text: str, source_request_id: str | None, *, request_id: str | None = None
-) -> tuple[InboundBatch, bool]:
-    """Store the batch and queue its routing; a repeated source_request_id returns the first batch.
+    feed: Feed, data: bytes, source_request_id: str | None, *, request_id: str | None = None
+) -> tuple[int, bool]:
+    """Store the batch (UTF-8 JSON text) and queue its routing, returning its id and whether it is a duplicate.
 
-    `request_id` is passed to the routing task, whose logs carry it.
+    A repeated source_request_id returns the first batch's id. `request_id`
+    is passed to the routing task, whose logs carry it. Outside a
+    transaction the INSERT commits on its own and routing is queued at once.
     """
-    if source_request_id is not None:
-        existing = InboundBatch.objects.filter(feed=feed, source_request_id=source_request_id).first()
+    for _ in range(3):
+        batch_id = InboundBatch.objects.insert_received(feed_id=feed.pk, source_request_id=source_request_id, body=data)
+        if batch_id is not None:
+            transaction.on_commit(partial(enqueue_routing, batch_id, request_id))
+            return batch_id, False
+        assert source_request_id is not None
+        existing = InboundBatch.objects.id_for_request(feed.pk, source_request_id)
         if existing is not None:
             return existing, True
-    try:
-        with transaction.atomic():
-            batch = InboundBatch.objects.create(
-                feed=feed, source_request_id=source_request_id, body=text, body_bytes=len(text.encode("utf-8"))
-            )
-            transaction.on_commit(lambda: enqueue_routing(batch.pk, request_id))
-    except IntegrityError:
-        return InboundBatch.objects.get(feed=feed, source_request_id=source_request_id), True
-    return batch, False
+        # The first batch was deleted between the two statements, so the INSERT can be tried again.
+    raise RuntimeError(f"Batch {source_request_id!r} of feed {feed.pk} conflicts with one that cannot be found.")
 
 
-def _source_request_id(batch: dict[str, Any]) -> str | None:
+def _source_request_id(value: Any) -> str | None:
     """Return the de-duplication key: the id as text, or its SHA-256 when it does not fit the column or contains NUL."""
-    value = batch.get("source_request_id")
     if value is None or value == "":
         return None
     text = str(value)
