@@ -5,13 +5,19 @@ from typing import Any
 
 from django.contrib.auth.models import AnonymousUser
 from django.core.cache import cache
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
-from events.models import Feed
+from events.models import Feed, hash_feed_secret
 from portal.conf import portal_setting
 
 FAILURE_WINDOW_SECONDS = 60
+# Feeds this process authenticated recently, by secret hash, with the monotonic time their entry expires.
+_recent_feeds: dict[str, tuple[Feed, float]] = {}
+# The cache is emptied when it reaches this many entries, far more than a deployment has feeds.
+_RECENT_FEEDS_LIMIT = 1000
 
 
 class FeedUser(AnonymousUser):
@@ -43,7 +49,7 @@ class FeedSecretAuthentication(authentication.BaseAuthentication):
         header = request.META.get("HTTP_AUTHORIZATION", "").strip()
         scheme, _, rest = header.partition(" ")
         secret = rest.strip() if scheme.lower() == "bearer" else header
-        feed = Feed.objects.authenticate(secret) if secret else None
+        feed = authenticate_feed(secret) if secret else None
         if feed is not None:
             return FeedUser(feed), feed
 
@@ -57,6 +63,37 @@ class FeedSecretAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Any) -> str:
         return 'Bearer realm="mparticle-feed"'
+
+
+def authenticate_feed(secret: str) -> Feed | None:
+    """Return the active feed whose secret is `secret`, or None, using this process's recent lookups.
+
+    A feed found in the database is kept for `PORTAL_FEED_AUTH_CACHE_SECONDS`
+    (0 turns the cache off). So when another process rotates a secret or
+    deactivates or deletes a feed, the old secret keeps working here for at
+    most that long. Saving or deleting a feed in this process empties the
+    cache at once. Failed lookups are not kept, so a new feed works at once.
+    """
+    digest = hash_feed_secret(secret)
+    now = time.monotonic()
+    recent = _recent_feeds.get(digest)
+    if recent is not None and recent[1] > now:
+        return recent[0]
+    feed = Feed.objects.authenticate_digest(digest)
+    seconds = portal_setting("FEED_AUTH_CACHE_SECONDS")
+    if feed is None or seconds <= 0:
+        _recent_feeds.pop(digest, None)
+        return feed
+    if len(_recent_feeds) >= _RECENT_FEEDS_LIMIT:
+        _recent_feeds.clear()
+    _recent_feeds[digest] = (feed, now + seconds)
+    return feed
+
+
+@receiver([post_save, post_delete], sender=Feed, dispatch_uid="events.forget_recent_feeds")
+def forget_recent_feeds(**kwargs: Any) -> None:
+    """Empty this process's feed cache when a feed changes, so that a rotated secret fails here at once."""
+    _recent_feeds.clear()
 
 
 def _failure_key(address: str) -> str:

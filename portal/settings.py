@@ -246,6 +246,9 @@ PORTAL = {
     # Failed inbound authentications per client address and minute before
     # further attempts get 429.
     "AUTH_FAILURES_PER_MINUTE": env.int("PORTAL_AUTH_FAILURES_PER_MINUTE", default=20),
+    # Seconds a web process keeps a feed it authenticated, so that a rotated
+    # secret or a deactivated feed can still pass for this long. 0 turns it off.
+    "FEED_AUTH_CACHE_SECONDS": env.float("PORTAL_FEED_AUTH_CACHE_SECONDS", default=30.0),
     # Largest outbound POST body, in bytes of encoded JSON (Qualtrics' limit is 100 KB).
     "MAX_PAYLOAD_BYTES": env.int("PORTAL_MAX_PAYLOAD_BYTES", default=100_000),
     # Allow http:// and loopback POST URLs, for development and tests only.
