@@ -9,13 +9,14 @@ countdown held in worker memory.
 """
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
 from django.db import transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from events.models import InboundBatch
@@ -44,20 +45,25 @@ def _enqueue(delivery_ids: Iterable[int], countdown: float | None = None) -> Non
 
 
 def enqueue_after_commit(deliveries: Sequence[Delivery]) -> None:
-    """Queue tasks for new pending deliveries once the current transaction commits.
+    """Queue one task per connection with new pending deliveries, once the current transaction commits.
 
-    Each connection gets at most as many tasks as its concurrency limit. Every
-    finished attempt queues the connection's next waiting delivery (see
-    `queue_next`), so a large batch does not flood the broker.
+    The task sends the connection's due deliveries in chunks and starts
+    further tasks, up to the concurrency limit, while a backlog remains
+    (see `integrations.runs`), so a large batch does not flood the broker.
     """
-    per_connection: dict[int, list[int]] = {}
+    first_per_connection: dict[int, int] = {}
     for delivery in deliveries:
         if delivery.status == Delivery.Status.PENDING:
-            per_connection.setdefault(delivery.connection_id, []).append(delivery.pk)
-    limits = dict(Connection.objects.filter(pk__in=per_connection).values_list("pk", "concurrency_limit"))
-    ids = [pk for connection_id, pks in per_connection.items() for pk in pks[: limits.get(connection_id, 1)]]
+            first_per_connection.setdefault(delivery.connection_id, delivery.pk)
+    ids = list(first_per_connection.values())
     if ids:
         transaction.on_commit(lambda: _enqueue(ids))
+
+
+def claims_in_flight(connection_id: int) -> int:
+    """Return how many claims of the connection are in flight; each sends its deliveries one after another."""
+    in_flight = Delivery.objects.filter(connection_id=connection_id, status=Delivery.Status.IN_FLIGHT)
+    return int(in_flight.aggregate(claims=Count("claim_token", distinct=True))["claims"])
 
 
 def _in_flight(connection_id: int) -> bool:
@@ -193,7 +199,12 @@ def claim(delivery_id: int) -> Delivery | None:
     claimed = (
         Delivery.objects.filter(pk=delivery_id, status__in=CLAIMABLE)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .update(status=Delivery.Status.IN_FLIGHT, lease_expires_at=now + lease, attempt_count=F("attempt_count") + 1)
+        .update(
+            status=Delivery.Status.IN_FLIGHT,
+            lease_expires_at=now + lease,
+            claim_token=uuid.uuid4(),
+            attempt_count=F("attempt_count") + 1,
+        )
     )
     if not claimed:
         return None
@@ -266,6 +277,7 @@ def postpone(delivery: Delivery, until: datetime) -> None:
         next_attempt_at=until,
         attempt_count=F("attempt_count") - 1,
         lease_expires_at=None,
+        claim_token=None,
     )
 
 
@@ -317,7 +329,25 @@ def replay(deliveries: QuerySet[Delivery]) -> int:
 def record_attempt(delivery: Delivery, outcome: Outcome, started_at: datetime, decision: retry_policy.Decision) -> None:
     """Store the attempt and move the delivery to its next state, if this worker still has its claim."""
     now = timezone.now()
-    updates: dict[str, object] = {"last_status_code": outcome.status_code, "lease_expires_at": None}
+    updates = outcome_updates(outcome, decision, now)
+    with transaction.atomic():
+        DeliveryAttempt.objects.create(**attempt_fields(delivery, outcome, started_at, decision))
+        Delivery.objects.filter(
+            pk=delivery.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=delivery.attempt_count
+        ).update(**updates)
+        delivery.status = str(updates["status"])
+        update_connection_health(delivery.connection, [decision], now)
+
+    after_record(delivery, outcome, decision)
+
+
+def outcome_updates(outcome: Outcome, decision: retry_policy.Decision, now: datetime) -> dict[str, object]:
+    """Return the field updates that move an in-flight delivery to the state `decision` calls for."""
+    updates: dict[str, object] = {
+        "last_status_code": outcome.status_code,
+        "lease_expires_at": None,
+        "claim_token": None,
+    }
     if decision.delivered:
         updates |= {"status": Delivery.Status.DELIVERED, "delivered_at": now, "last_error": ""}
     elif decision.retry_in is not None:
@@ -329,23 +359,26 @@ def record_attempt(delivery: Delivery, outcome: Outcome, started_at: datetime, d
         }
     else:
         updates |= {"status": Delivery.Status.FAILED, "last_error": decision.reason}
+    return updates
 
-    with transaction.atomic():
-        DeliveryAttempt.objects.create(
-            delivery=delivery,
-            number=delivery.attempt_count,
-            started_at=started_at,
-            duration_ms=outcome.duration_ms,
-            status_code=outcome.status_code,
-            error="" if decision.delivered else decision.reason,
-            response_excerpt=redact(outcome.response_excerpt, delivery.connection),
-        )
-        Delivery.objects.filter(
-            pk=delivery.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=delivery.attempt_count
-        ).update(**updates)
-        delivery.status = str(updates["status"])
-        _update_connection_health(delivery.connection, decision, now)
 
+def attempt_fields(
+    delivery: Delivery, outcome: Outcome, started_at: datetime, decision: retry_policy.Decision
+) -> dict[str, object]:
+    """Return the fields of the attempt record for one POST."""
+    return {
+        "delivery": delivery,
+        "number": delivery.attempt_count,
+        "started_at": started_at,
+        "duration_ms": outcome.duration_ms,
+        "status_code": outcome.status_code,
+        "error": "" if decision.delivered else decision.reason,
+        "response_excerpt": redact(outcome.response_excerpt, delivery.connection),
+    }
+
+
+def after_record(delivery: Delivery, outcome: Outcome, decision: retry_policy.Decision) -> None:
+    """Log and count a recorded attempt, and queue a retry that is due soon."""
     _log_attempt(delivery, outcome, decision)
     metrics.observe_attempt(delivery.connection.name, attempt_result(decision), outcome.duration_ms)
     paused = outcome.status_code in protection.PAUSING_STATUS
@@ -354,11 +387,16 @@ def record_attempt(delivery: Delivery, outcome: Outcome, started_at: datetime, d
         transaction.on_commit(lambda: _enqueue([delivery_id], countdown=decision.retry_in))
 
 
-def _update_connection_health(connection: Connection, decision: retry_policy.Decision, now: datetime) -> None:
-    if decision.delivered:
-        Connection.objects.filter(pk=connection.pk).update(last_success_at=now)
-    else:
-        Connection.objects.filter(pk=connection.pk).update(last_error_at=now, last_error=decision.reason[:500])
+def update_connection_health(connection: Connection, decisions: Sequence[retry_policy.Decision], now: datetime) -> None:
+    """Store the time of the last success and of the last error, with its reason, in one update."""
+    updates: dict[str, object] = {}
+    if any(decision.delivered for decision in decisions):
+        updates["last_success_at"] = now
+    failures = [decision for decision in decisions if not decision.delivered]
+    if failures:
+        updates |= {"last_error_at": now, "last_error": failures[-1].reason[:500]}
+    if updates:
+        Connection.objects.filter(pk=connection.pk).update(**updates)
 
 
 def attempt_result(decision: retry_policy.Decision) -> str:
@@ -423,8 +461,7 @@ def sweep() -> int:
     queued = 0
     sendable = Q(paused_at__isnull=True) | Q(auto_resume=True, hold_until__lte=now)
     for connection in Connection.objects.filter(sendable, pk__in=stranded.values("connection_id")):
-        in_flight = Delivery.objects.filter(connection=connection, status=Delivery.Status.IN_FLIGHT).count()
-        slots = max(connection.concurrency_limit - in_flight, 0)
+        slots = max(connection.concurrency_limit - claims_in_flight(connection.pk), 0)
         ids = list(stranded.filter(connection=connection).values_list("pk", flat=True)[:slots])
         _enqueue(ids)
         queued += len(ids)
@@ -438,7 +475,9 @@ def _recover_lost_attempts(now: datetime) -> None:
         with transaction.atomic():
             lost = Delivery.objects.filter(
                 pk=item.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=item.attempt_count
-            ).update(status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at=now, lease_expires_at=None)
+            ).update(
+                status=Delivery.Status.RETRY_SCHEDULED, next_attempt_at=now, lease_expires_at=None, claim_token=None
+            )
             if not lost:
                 continue
             DeliveryAttempt.objects.get_or_create(

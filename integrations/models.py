@@ -311,6 +311,8 @@ class Delivery(models.Model):
 
     Workers claim a delivery by a compare-and-set update of its status, so
     a task run twice cannot POST twice while the first run holds the lease.
+    One claim can take several deliveries of a connection; they share its
+    token, and the connection's concurrency limit counts claims.
     """
 
     class Status(models.TextChoices):
@@ -338,6 +340,9 @@ class Delivery(models.Model):
     replayed_at = models.DateTimeField(null=True, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    claim_token = models.UUIDField(
+        null=True, blank=True, editable=False, help_text="Names the claim that holds the delivery in flight."
+    )
     last_status_code = models.PositiveIntegerField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

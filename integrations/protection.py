@@ -6,6 +6,7 @@ connection's limits therefore only ever postpone that connection's
 deliveries, and a worker slot is never spent waiting on them.
 """
 
+import contextlib
 import logging
 import math
 import time
@@ -41,7 +42,7 @@ def admit(connection: Connection, delivery: Delivery, now: datetime) -> datetime
         return None
     if connection.hold_until and connection.hold_until > now:
         return connection.hold_until
-    if _in_flight_elsewhere(connection, delivery) >= connection.concurrency_limit:
+    if _claims_elsewhere(connection, delivery) >= connection.concurrency_limit:
         # Due again at once: the next finished attempt of this connection queues it.
         return now
     wait = take_rate_token(connection.rate_limit_key, connection.rate_limit_per_minute)
@@ -50,32 +51,49 @@ def admit(connection: Connection, delivery: Delivery, now: datetime) -> datetime
     return None
 
 
-def _in_flight_elsewhere(connection: Connection, delivery: Delivery) -> int:
+def _claims_elsewhere(connection: Connection, delivery: Delivery) -> int:
     # NOTE: two workers counting at the same moment can both pass, so the cap
     # can be exceeded by the number of workers racing for it.
-    return (
-        Delivery.objects.filter(connection=connection, status=Delivery.Status.IN_FLIGHT).exclude(pk=delivery.pk).count()
-    )
+    in_flight = Delivery.objects.filter(connection=connection, status=Delivery.Status.IN_FLIGHT)
+    return in_flight.exclude(claim_token=delivery.claim_token).values("claim_token").distinct().count()
 
 
 def take_rate_token(key: str, limit_per_minute: int) -> float:
-    """Count one POST against `key` in the current minute; return 0, or seconds until the next minute if full.
+    """Count one POST against `key` in the current minute; return 0, or seconds until the next minute if full."""
+    granted, wait = take_rate_tokens(key, limit_per_minute, 1)
+    return 0.0 if granted else wait
 
-    The counter lives in the Django cache, which is Redis in production so
-    that every worker shares it.
+
+def take_rate_tokens(key: str, limit_per_minute: int, requested: int) -> tuple[int, float]:
+    """Count up to `requested` POSTs against `key` in the current minute.
+
+    Return how many may go now and, when that is fewer than `requested`, the
+    seconds until the next minute. The counter lives in the Django cache,
+    which is Redis in production so that every worker shares it.
     """
     now = time.time()
     window = math.floor(now / RATE_WINDOW_SECONDS)
     cache_key = f"rate:{key}:{window}"
     cache.add(cache_key, 0, timeout=RATE_WINDOW_SECONDS * 2)
     try:
-        used = cache.incr(cache_key)
+        used = cache.incr(cache_key, requested)
     except ValueError:
-        cache.set(cache_key, 1, timeout=RATE_WINDOW_SECONDS * 2)
-        used = 1
-    if used <= limit_per_minute:
-        return 0.0
-    return (window + 1) * RATE_WINDOW_SECONDS - now
+        cache.set(cache_key, requested, timeout=RATE_WINDOW_SECONDS * 2)
+        used = requested
+    granted = max(0, min(requested, limit_per_minute - (used - requested)))
+    if granted == requested:
+        return granted, 0.0
+    return granted, (window + 1) * RATE_WINDOW_SECONDS - now
+
+
+def return_rate_tokens(key: str, unused: int, taken_at: float) -> None:
+    """Give back tokens taken at `taken_at` (a `time.time()` value) but not spent, to the minute they came from."""
+    if unused <= 0:
+        return
+    cache_key = f"rate:{key}:{math.floor(taken_at / RATE_WINDOW_SECONDS)}"
+    # The key is gone once its minute has expired, and then nothing is owed.
+    with contextlib.suppress(ValueError):
+        cache.decr(cache_key, unused)
 
 
 def _probe_interval() -> timedelta:

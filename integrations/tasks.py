@@ -2,12 +2,17 @@
 
 from celery import shared_task
 
-from integrations import batcher, delivery, retention
+from integrations import batcher, delivery, retention, runs
 
 
 @shared_task(name="integrations.tasks.deliver")
 def deliver(delivery_id: int) -> None:
-    delivery.deliver(delivery_id)
+    runs.run_for_delivery(delivery_id)
+
+
+@shared_task(name="integrations.tasks.send_due")
+def send_due(connection_id: int) -> None:
+    runs.run(connection_id)
 
 
 @shared_task(name="integrations.tasks.flush_due_windows")

@@ -200,6 +200,7 @@ CELERY_TASK_DEFAULT_QUEUE = "maintenance"
 CELERY_TASK_ROUTES = {
     "events.tasks.route_batch": {"queue": "routing"},
     "integrations.tasks.deliver": {"queue": "deliveries"},
+    "integrations.tasks.send_due": {"queue": "deliveries"},
     "events.tasks.sweep_unrouted_batches": {"queue": "maintenance"},
     "integrations.tasks.flush_due_windows": {"queue": "maintenance"},
     "integrations.tasks.sweep_deliveries": {"queue": "maintenance"},
@@ -268,6 +269,9 @@ PORTAL = {
     "RETRY_BASE_SECONDS": env.float("PORTAL_RETRY_BASE_SECONDS", default=30.0),
     # Maximum delay between two attempts, in seconds.
     "RETRY_MAX_SECONDS": env.float("PORTAL_RETRY_MAX_SECONDS", default=6 * 3600.0),
+    # Most deliveries of one connection claimed and POSTed together; a run
+    # sizes each chunk to take about half a second at the connection's pace.
+    "DELIVERY_CHUNK_MAX": env.int("PORTAL_DELIVERY_CHUNK_MAX", default=100),
     # Seconds a worker keeps a claimed delivery before the sweeper may hand it to another.
     "LEASE_SECONDS": env.float("PORTAL_LEASE_SECONDS", default=60.0),
     # Seconds after which a batch not yet routed, or a delivery still pending,

@@ -221,16 +221,17 @@ def test_sweeper_fills_free_slots_only(monkeypatch):
     assert queued == [items[1].pk]
 
 
-def test_large_batch_queues_only_concurrency_limit(monkeypatch, django_capture_on_commit_callbacks):
+def test_large_batch_queues_one_task_per_connection(monkeypatch, django_capture_on_commit_callbacks):
     queued = []
     monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: queued.extend(ids))
-    connection = ConnectionFactory(concurrency_limit=3)
-    items = [Delivery.objects.create(connection=connection, payload="{}") for _ in range(10)]
+    first, second = ConnectionFactory(concurrency_limit=3), ConnectionFactory()
+    items = [Delivery.objects.create(connection=first, payload="{}") for _ in range(10)]
+    items += [Delivery.objects.create(connection=second, payload="{}") for _ in range(10)]
 
     with django_capture_on_commit_callbacks(execute=True):
         delivery.enqueue_after_commit(items)
 
-    assert queued == [item.pk for item in items[:3]]
+    assert queued == [items[0].pk, items[10].pk]
 
 
 def test_finished_attempt_queues_next(pending, monkeypatch):
