@@ -9,7 +9,10 @@ resolved addresses are checked before each attempt.
 """
 
 import contextlib
+import heapq
+import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -129,29 +132,78 @@ def _session() -> requests.Session:
     return session
 
 
+class _DeadlineKeeper:
+    """One thread per process that fires every attempt's watchdog when its deadline passes.
+
+    Starting a timer thread per attempt took about a fifth of the CPU of a
+    POST to a fast receiver on loopback (measured with cProfile). Firing and cancelling take
+    the same lock, so a watchdog never fires after its attempt has ended
+    and handed its socket back to the pool.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._deadlines: list[tuple[float, int, _Watchdog]] = []
+        self._order = itertools.count()
+        self._owner_pid: int | None = None
+
+    def add(self, watchdog: "_Watchdog", deadline: float) -> None:
+        with self._lock:
+            if self._owner_pid != os.getpid():
+                # No thread yet, or this is a forked child, which inherits none.
+                self._deadlines.clear()
+                threading.Thread(target=self._watch, name="attempt-deadlines", daemon=True).start()
+                self._owner_pid = os.getpid()
+            heapq.heappush(self._deadlines, (deadline, next(self._order), watchdog))
+            self._lock.notify()
+
+    def cancel(self, watchdog: "_Watchdog") -> None:
+        with self._lock:
+            watchdog.ended = True
+
+    def _watch(self) -> None:
+        with self._lock:
+            while True:
+                while self._deadlines and self._deadlines[0][2].ended:
+                    heapq.heappop(self._deadlines)
+                if not self._deadlines:
+                    self._lock.wait()
+                    continue
+                delay = self._deadlines[0][0] - time.monotonic()
+                if delay > 0:
+                    self._lock.wait(delay)
+                    continue
+                _, _, watchdog = heapq.heappop(self._deadlines)
+                watchdog.fire()
+
+
+_deadlines = _DeadlineKeeper()
+
+
 class _Watchdog:
     """Shuts down the attempt's sockets when the deadline passes, ending any blocked read."""
 
     def __init__(self, seconds: float, pinned: dict[str, str]) -> None:
         self.sockets: list[socket.socket] = []
         self.pinned = pinned
+        self.seconds = seconds
         self.fired = False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
+        self.ended = False
 
     def __enter__(self) -> "_Watchdog":
         _watched.sockets = self.sockets
         _watched.pinned = self.pinned
-        self._timer.start()
+        _deadlines.add(self, time.monotonic() + self.seconds)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+        _deadlines.cancel(self)
         _watched.sockets = None
         _watched.pinned = {}
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         self.fired = True
+        self.ended = True
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pytest
 
-from integrations.transport import post_json
+from integrations.transport import _Watchdog, post_json
 
 AUTH = "Basic dGVzdDp0ZXN0LXRva2Vu"
 
@@ -210,3 +210,21 @@ def test_stale_keepalive_connections():
     assert second.succeeded, second.error
     assert [outcome.error for outcome in burst if not outcome.succeeded] == []
     assert sorted(_KeepAliveHandler.requests, key=int) == [str(n) for n in range(22)]
+
+
+def test_attempts_share_one_deadline_thread(standin):
+    for _ in range(5):
+        send(standin.url)
+
+    keepers = [thread for thread in threading.enumerate() if thread.name == "attempt-deadlines"]
+    assert len(keepers) == 1
+
+
+def test_ended_watchdog_never_fires():
+    watchdog = _Watchdog(0.05, pinned={})
+    with watchdog:
+        pass
+
+    time.sleep(0.2)
+
+    assert watchdog.fired is False
