@@ -8,7 +8,8 @@ chunk rather than per event.
 
 The chunk size follows the connection's speed: a chunk should take about
 `CHUNK_SECONDS` to send, so a fast receiver gets large chunks and a slow
-one gets chunks of one, as if each delivery were sent on its own. The
+one gets chunks of one, as if each delivery were sent on its own. A
+worker process remembers each connection's last size for its next run. The
 concurrency limit counts claims, so at most that many runs POST to a
 connection at once. A run that finds more due deliveries than it claimed
 starts one more run while the limit allows. A failed attempt ends the
@@ -56,6 +57,10 @@ RUN_SECONDS = 5.0
 # Seconds of lease kept in reserve: no POST starts unless it can end this long before the lease runs out.
 LEASE_MARGIN_SECONDS = 5.0
 
+# The last chunk size per connection in this process, so that the next run
+# starts at the pace the last one found instead of at one.
+_chunk_sizes: dict[int, int] = {}
+
 
 @dataclass
 class Sent:
@@ -82,7 +87,7 @@ def run(connection_id: int, delivery_id: int | None = None, send: Callable[..., 
     `delivery_id` through `delivery.deliver`, which probes or postpones.
     """
     started = time.monotonic()
-    size = 1
+    size = _chunk_sizes.get(connection_id, 1)
     attempted = 0
     spread = False
     while time.monotonic() - started < RUN_SECONDS:
@@ -105,6 +110,7 @@ def run(connection_id: int, delivery_id: int | None = None, send: Callable[..., 
         sent = send_chunk(connection, chunk, send)
         attempted += len(sent)
         size = next_chunk_size(sent, time.monotonic() - chunk_started)
+        _chunk_sizes[connection_id] = size
 
     start_run(connection_id)
     return attempted

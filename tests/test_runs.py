@@ -36,6 +36,7 @@ def no_broker(monkeypatch):
     queued = {"runs": [], "deliveries": []}
     monkeypatch.setattr(runs, "start_run", lambda connection_id, countdown=0: queued["runs"].append(connection_id))
     monkeypatch.setattr(delivery, "_enqueue", lambda ids, countdown=None: queued["deliveries"].extend(ids))
+    monkeypatch.setattr(runs, "_chunk_sizes", {})
     cache.clear()
     return queued
 
@@ -89,6 +90,25 @@ def test_fast_receiver_gets_growing_chunks(monkeypatch):
 
     assert sizes[:3] == [1, 4, 16]
     assert sum(sizes) == 40
+
+
+def test_next_run_starts_at_learned_size(monkeypatch):
+    connection = ConnectionFactory()
+    monkeypatch.setattr(runs, "CHUNK_SECONDS", 1000.0)
+    waiting(connection, 5)
+    runs.run(connection.pk, send=Recorder())
+    waiting(connection, 30)
+    sizes = []
+    claim = runs.claim_chunk
+
+    def counting_claim(conn, size):
+        sizes.append(size)
+        return claim(conn, size)
+
+    monkeypatch.setattr(runs, "claim_chunk", counting_claim)
+    runs.run(connection.pk, send=Recorder())
+
+    assert sizes[0] == 16
 
 
 def test_chunk_statements_do_not_grow_with_size():
