@@ -30,8 +30,9 @@ from bench.batches import BatchTemplate
 from bench.scaling import store
 from events import router
 from events.models import Feed
-from integrations import batcher, delivery
+from integrations import batcher, delivery, runs
 from integrations.models import BatchWindow, Delivery
+from integrations.transport import post_json
 from portal.celery import app
 
 REPEATS = 7
@@ -124,6 +125,29 @@ def one_delivery() -> RoundTrips:
     return measure("deliver one event (one attempt, POST included)", prepare)
 
 
+def delivery_chunk(size: int = 10) -> RoundTrips:
+    """Measure one claim of `size` pending deliveries and their attempts, as a run makes them, POSTs included."""
+
+    def prepare() -> Callable[[], object]:
+        model = Delivery.objects.select_related("connection").order_by("pk").first()
+        assert model is not None, "no delivery to copy"
+        connection = model.connection
+        Delivery.objects.filter(connection=connection, status=Delivery.Status.PENDING).update(
+            status=Delivery.Status.CANCELLED
+        )
+        copies = [Delivery(connection=connection, payload=model.payload, event_count=1) for _ in range(size)]
+        Delivery.objects.bulk_create(copies)
+
+        def run() -> None:
+            chunk, _ = runs.claim_chunk(connection, size)
+            assert len(chunk) == size, f"claimed {len(chunk)} of {size}"
+            runs.send_chunk(connection, chunk, post_json)
+
+        return run
+
+    return measure(f"deliver a chunk of {size} events (one claim, {size} POSTs)", prepare)
+
+
 def one_flush() -> RoundTrips:
     """Measure flushing one due window of 10 events into one delivery."""
 
@@ -139,7 +163,7 @@ def one_flush() -> RoundTrips:
 def count_all(feed: Feed, secret: str, activate: Callable[[str], None]) -> list[RoundTrips]:
     """Measure every step; `activate(name)` makes the named benchmark connection the only active one."""
     activate("per event")
-    steps = [inbound_post(secret), routing(feed, "one POST per event"), one_delivery()]
+    steps = [inbound_post(secret), routing(feed, "one POST per event"), one_delivery(), delivery_chunk()]
     activate("send as batch")
     steps.append(routing(feed, "Send as Batch"))
     # Each batch routed there came from a new device and opened a window of 10 events.
