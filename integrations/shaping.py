@@ -197,6 +197,18 @@ def environment_matches(batch: Mapping[str, Any], settings: ShapingSettings) -> 
 
 def shape_batch(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBatch:
     """Route and shape one batch for one connection. It raises on no JSON object, as the property tests check."""
+    shaped = shape_batch_without_events(batch, settings)
+    shaped.events, filtered = shape_events(batch, settings)
+    shaped.filtered.update(filtered)
+    return shaped
+
+
+def shape_batch_without_events(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBatch:
+    """Route and shape all of one batch but its events, which `shape_events` takes in parts of any size.
+
+    The result counts only the reasons that concern the whole batch: another
+    environment, an eventless batch with its setting off, or an alias request.
+    """
     events = batch_events(batch)
     if is_alias_request(batch):
         return _shape_alias_request(batch, settings)
@@ -206,22 +218,37 @@ def shape_batch(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBa
     if not environment_matches(batch, settings):
         shaped.notifications = []
         shaped.filtered["environment does not match"] = len(events) or 1
-        return shaped
-
-    for index, event in enumerate(events):
-        reason = filter_reason(event, settings)
-        if reason:
-            shaped.filtered[reason] += 1
-            continue
-        route_type = route_type_of_event(event.get("event_type"))
-        shaped.events.append(ShapedEvent(index, route_type, shape_event(event, settings)))
-
-    if not events:
+    elif not events:
         if settings.send_batches_without_events:
             shaped.send_without_events = True
         elif not shaped.notifications:
             shaped.filtered["send_batches_without_events is off"] += 1
     return shaped
+
+
+def shape_events(
+    batch: Mapping[str, Any], settings: ShapingSettings, start: int = 0, stop: int | None = None
+) -> tuple[list[ShapedEvent], Counter[str]]:
+    """Route and shape the batch's events from `start` up to `stop`; return them and the filtered ones by reason.
+
+    Indexes count from the start of the batch. An alias request or a batch
+    from another environment routes no event on its own; `shape_batch_without_events`
+    counts those.
+    """
+    routed: list[ShapedEvent] = []
+    filtered: Counter[str] = Counter()
+    if is_alias_request(batch) or not environment_matches(batch, settings):
+        return routed, filtered
+    events = batch_events(batch)
+    for index in range(start, len(events) if stop is None else min(stop, len(events))):
+        event = events[index]
+        reason = filter_reason(event, settings)
+        if reason:
+            filtered[reason] += 1
+            continue
+        route_type = route_type_of_event(event.get("event_type"))
+        routed.append(ShapedEvent(index, route_type, shape_event(event, settings)))
+    return routed, filtered
 
 
 def _shape_alias_request(batch: Mapping[str, Any], settings: ShapingSettings) -> ShapedBatch:
@@ -364,6 +391,48 @@ def build_payloads(
     if current:
         result.bodies.append((_join(prefix, current, suffix), current))
     return result
+
+
+class PayloadPlan:
+    """Follows `build_payloads` one event at a time, to show where its bodies start.
+
+    Events handed to `build_payloads` in parts, each part cut where a body
+    starts, give exactly the bodies that one call with all of them gives.
+    This lets a caller encode a long list of events in bounded memory.
+    """
+
+    def __init__(self, envelope: Mapping[str, Any], max_bytes: int, *, one_per_event: bool = False) -> None:
+        self.overhead = payload_overhead(envelope)
+        self.max_bytes = max_bytes
+        self.one_per_event = one_per_event
+        self._size: int | None = None
+
+    def fits(self, size: int) -> bool:
+        """Return whether an event of `size` bytes fits in a body on its own."""
+        return self.overhead + size <= self.max_bytes
+
+    def starts_body(self, size: int) -> bool:
+        """Add an event of `size` bytes; return whether it starts a body. An event too large alone starts none."""
+        if not self.fits(size):
+            return False
+        if self._size is None or self.one_per_event or self._size + size + 1 > self.max_bytes:
+            self._size = self.overhead + size
+            return True
+        self._size += size + 1
+        return False
+
+
+def payload_overhead(envelope: Mapping[str, Any]) -> int:
+    """Return the bytes a body spends on its envelope, as `build_payloads` counts them.
+
+    An envelope with a lone surrogate is counted as delivery code sends it,
+    with U+FFFD in place of the surrogate.
+    """
+    try:
+        prefix, suffix = encode_envelope_parts(envelope)
+    except UnicodeEncodeError:
+        prefix, suffix = encode_envelope_parts(jsontext.replace_lone_surrogates(envelope))
+    return len(prefix) + len(suffix) + 2
 
 
 def _join(prefix: bytes, events: Sequence[ShapedEvent], suffix: bytes) -> bytes:
