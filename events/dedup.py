@@ -7,24 +7,29 @@ for `PORTAL_EVENT_DEDUP_SECONDS` (24 hours by default). An event without a
 `source_message_id`, or in a batch without an `mpid`, is never treated as a
 duplicate.
 
-Keys are claimed insert-first: each routing inserts the keys of its events with
-ON CONFLICT DO NOTHING and then reads back which rows are its own. Two
-batches routed at the same moment therefore cannot both claim one event,
-because the unique constraint makes the second insert wait for the first
-transaction.
+Keys are claimed insert-first, with one statement per chunk of keys: an
+INSERT ... ON CONFLICT that takes over a key only when it has expired, and
+returns the keys it inserted or took over. Two batches routed at the same
+moment therefore cannot both claim one event, because the unique constraint
+makes the second insert wait for the first transaction. A key that this
+batch claimed earlier, in an earlier part of the same routing, is never
+taken over again, so a repeat within the batch is a duplicate.
 """
 
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import connection
 from django.utils import timezone
 
 from events.models import InboundBatch, SeenEvent
 from portal.conf import portal_setting
 
-# Keys per query; SQLite limits the size of one statement's expression tree.
-CHUNK = 400
+# Keys per statement, which keeps the parameters of one INSERT under SQLite's limit.
+CHUNK = 500
+# The columns of a SeenEvent row, in the order the INSERT lists them.
+SEEN_EVENT_COLUMNS = ("connection_id", "mpid", "source_message_id", "batch_id", "seen_at")
 
 Key = tuple[str, str]
 
@@ -74,25 +79,37 @@ def _claim(connection_id: int, batch: InboundBatch, keys: list[Key]) -> set[Key]
     window_start = timezone.now() - timedelta(seconds=portal_setting("EVENT_DEDUP_SECONDS"))
     owned: set[Key] = set()
     for chunk in _chunks(keys):
-        message_ids = sorted({message_id for _, message_id in chunk})
-        _forget_expired(connection_id, message_ids, window_start)
-        # Sorted keys make concurrent routings lock SeenEvent rows in one order, so they cannot deadlock on them.
-        SeenEvent.objects.bulk_create(
-            [SeenEvent(connection_id=connection_id, mpid=m, source_message_id=s, batch=batch) for m, s in chunk],
-            ignore_conflicts=True,
-        )
-        rows = SeenEvent.objects.filter(connection_id=connection_id, source_message_id__in=message_ids).values_list(
-            "mpid", "source_message_id", "batch_id"
-        )
-        wanted = set(chunk)
-        owned |= {(mpid, message_id) for mpid, message_id, batch_id in rows if batch_id == batch.pk} & wanted
+        owned.update(_insert_or_take_over(connection_id, batch.pk, chunk, window_start))
     return owned
 
 
-def _forget_expired(connection_id: int, message_ids: list[str], window_start: datetime) -> None:
-    SeenEvent.objects.filter(
-        connection_id=connection_id, source_message_id__in=message_ids, seen_at__lt=window_start
-    ).delete()
+def _insert_or_take_over(connection_id: int, batch_id: int, keys: list[Key], window_start: datetime) -> list[Key]:
+    """Claim the keys in one statement; return those inserted, or taken over from an expired sighting.
+
+    Sorted keys make concurrent routings lock SeenEvent rows in one order, so
+    they cannot deadlock on them. Django's bulk_create cannot express the
+    condition on the update nor return only the rows written, hence the SQL.
+    """
+    ops = connection.ops
+    table = ops.quote_name(SeenEvent._meta.db_table)
+    columns = [ops.quote_name(name) for name in SEEN_EVENT_COLUMNS]
+    connection_col, mpid_col, message_col, batch_col, seen_col = columns
+    seen_at = ops.adapt_datetimefield_value(timezone.now())
+    rows = ", ".join(["(%s, %s, %s, %s, %s)"] * len(keys))
+    params: list[Any] = []
+    for mpid, message_id in keys:
+        params += [connection_id, mpid, message_id, batch_id, seen_at]
+    params += [ops.adapt_datetimefield_value(window_start), batch_id]
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES {rows} "
+        f"ON CONFLICT ({connection_col}, {message_col}, {mpid_col}) DO UPDATE "
+        f"SET {batch_col} = excluded.{batch_col}, {seen_col} = excluded.{seen_col} "
+        f"WHERE {table}.{seen_col} < %s AND {table}.{batch_col} <> %s "
+        f"RETURNING {mpid_col}, {message_col}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [(mpid, message_id) for mpid, message_id in cursor.fetchall()]
 
 
 def _chunks(keys: list[Key]) -> Iterator[list[Key]]:
