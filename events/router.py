@@ -3,9 +3,15 @@
 Routing runs once per batch: the batch row is locked and moved from
 received to routed in the same transaction that creates the deliveries and
 window items, and a `Routing` row per connection records what went where.
+
+A connection's events are shaped, de-duplicated, encoded and stored
+CHUNK_SIZE at a time, and each chunk is let go before the next, so that a
+batch of tens of thousands of events needs little more memory than its
+parsed body. All chunks run in the one routing transaction.
 """
 
 import logging
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -17,10 +23,35 @@ from events import dedup
 from events.event_types import RouteType, route_type_of_notification
 from events.models import InboundBatch
 from integrations import batcher, delivery, jsontext, shaping
-from integrations.models import Connection, Delivery, Routing
+from integrations.models import BatchWindow, Connection, Delivery, Routing
 from portal import metrics
+from portal.conf import portal_setting
 
 logger = logging.getLogger(__name__)
+
+# Events shaped, de-duplicated, encoded and stored at once.
+CHUNK_SIZE = 500
+
+
+@dataclass
+class RoutedToConnection:
+    """The outcome of routing a batch to one connection: its unsaved Routing row and the deliveries it made.
+
+    Only the first `concurrency_limit` pending deliveries are kept, because
+    `delivery.enqueue_after_commit` queues no more than those.
+    """
+
+    routing: Routing
+    to_queue: list[Delivery] = field(default_factory=list)
+    created: int = 0
+
+    def add(self, deliveries: list[Delivery], room: int) -> None:
+        self.created += len(deliveries)
+        for made in deliveries:
+            if made.status == Delivery.Status.FAILED:
+                self.routing.failed_count += made.event_count
+            elif made.status == Delivery.Status.PENDING and len(self.to_queue) < room:
+                self.to_queue.append(made)
 
 
 def route_batch(batch_id: int) -> bool:
@@ -35,18 +66,26 @@ def route_batch(batch_id: int) -> bool:
         except jsontext.InvalidJSON as error:
             _mark_failed(batch, f"stored body is not JSON: {error}")
             return True
+        # The parsed body contains all that routing needs, and the stored text is not saved again.
+        del batch.body
 
-        deliveries: list[Delivery] = []
+        routings: list[Routing] = []
+        to_queue: list[Delivery] = []
+        created = 0
         for connection in connections_for(batch):
-            deliveries += route_to_connection(batch, data, connection)
+            routed = route_to_connection(batch, data, connection)
+            routings.append(routed.routing)
+            to_queue += routed.to_queue
+            created += routed.created
+        Routing.objects.bulk_create(routings)
 
         batch.status = InboundBatch.Status.ROUTED
         batch.routed_at = timezone.now()
         batch.event_count = len(shaping.batch_events(data))
         batch.save(update_fields=["status", "routed_at", "event_count"])
-        delivery.enqueue_after_commit(deliveries)
+        delivery.enqueue_after_commit(to_queue)
 
-    logger.info("router.routed", extra={"batch_id": batch.pk, "deliveries": len(deliveries)})
+    logger.info("router.routed", extra={"batch_id": batch.pk, "deliveries": created})
     return True
 
 
@@ -60,44 +99,105 @@ def connections_for(batch: InboundBatch) -> list[Connection]:
     )
 
 
-def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: Connection) -> list[Delivery]:
-    """Shape the batch for one connection and store what it receives; return new deliveries."""
-    shaped = shaping.shape_batch(data, connection.shaping_settings())
-    metrics.count_filtered(connection.name, data, shaped.events)
-    shaped.events, duplicates = dedup.split_duplicates(connection.pk, batch, data, shaped.events)
-    routing = Routing(
-        duplicate_count=duplicates,
-        batch=batch,
-        connection=connection,
-        filtered_count=sum(shaped.filtered.values()),
-        filter_reasons=dict(shaped.filtered),
-    )
-    deliveries: list[Delivery] = []
+def route_to_connection(batch: InboundBatch, data: dict[str, Any], connection: Connection) -> RoutedToConnection:
+    """Shape the batch for one connection and store what it receives; return its Routing row, not yet saved."""
+    settings = connection.shaping_settings()
+    shaped = shaping.shape_batch_without_events(data, settings)
+    routed = RoutedToConnection(Routing(batch=batch, connection=connection))
 
-    if shaping.is_alias_request(data) or (shaped.send_without_events and not shaped.events):
+    if shaping.is_alias_request(data) or shaped.send_without_events:
+        metrics.count_filtered(connection.name, data, [])
         if shaped.has_content:
-            deliveries = _route_whole_body(batch, data, connection, shaped)
-            routing.routed_count = len(shaped.notifications) or 1
-    elif shaped.has_content:
-        encoded, unsendable = shaping.encode_events(shaped.events)
-        deliveries = delivery.record_unsendable(connection, unsendable, batch=batch)
-        routing.routed_count = len(shaped.events) + len(shaped.notifications)
-        if connection.send_as_batch:
-            batcher.collect(connection, batch, _window_key(batch, data), encoded, shaped.notifications)
-        elif encoded or shaped.notifications:
-            deliveries += delivery.create_deliveries(
-                connection,
-                shaped.envelope,
-                encoded,
-                batch=batch,
-                one_per_event=True,
-                notification_types=[_notification_type(n) for n in shaped.notifications],
-            )
+            routed.add(_route_whole_body(batch, data, connection, shaped), connection.concurrency_limit)
+            routed.routing.routed_count = len(shaped.notifications) or 1
+    else:
+        _route_events(batch, data, connection, settings, shaped, routed)
 
-    routing.failed_count = sum(d.event_count for d in deliveries if d.status == Delivery.Status.FAILED)
-    routing.save()
+    routed.routing.filtered_count = sum(shaped.filtered.values())
+    routed.routing.filter_reasons = dict(shaped.filtered)
     metrics.count_routed(connection.name, shaped)
-    return deliveries
+    return routed
+
+
+def _route_events(
+    batch: InboundBatch,
+    data: dict[str, Any],
+    connection: Connection,
+    settings: shaping.ShapingSettings,
+    shaped: shaping.ShapedBatch,
+    routed: RoutedToConnection,
+) -> None:
+    """Route the batch's events to the connection chunk by chunk, then its consent notifications.
+
+    Adds the filter reasons to `shaped` and the counts to `routed.routing`.
+    With one POST per event, the notifications ride in every body and are
+    counted in the first one. They get a body of their own only when none
+    of the batch's events could be encoded.
+    """
+    events = shaping.batch_events(data)
+    room = connection.concurrency_limit
+    window: BatchWindow | None = None
+    plan: shaping.PayloadPlan | None = None
+    notification_types = [_notification_type(n) for n in shaped.notifications]
+    fresh_count = encoded_count = 0
+    for start in range(0, len(events), CHUNK_SIZE):
+        chunk, filtered = shaping.shape_events(data, settings, start, start + CHUNK_SIZE)
+        shaped.filtered.update(filtered)
+        _count_filtered(connection, events[start : start + CHUNK_SIZE], start, chunk)
+        fresh, duplicates = dedup.split_duplicates(connection.pk, batch, data, chunk)
+        del chunk
+        routed.routing.duplicate_count += duplicates
+        fresh_count += len(fresh)
+        metrics.count_routed(connection.name, shaping.ShapedBatch(envelope={}, events=fresh))
+        encoded, unsendable = shaping.encode_events(fresh)
+        del fresh
+        encoded_count += len(encoded)
+        routed.add(delivery.record_unsendable(connection, unsendable, batch=batch), room)
+        if not encoded:
+            continue
+        if connection.send_as_batch:
+            window = window or batcher.open_window(connection, _window_key(batch, data))
+            batcher.add_items(window, batch, encoded, [])
+            continue
+        plan = plan or shaping.PayloadPlan(shaped.envelope, portal_setting("MAX_PAYLOAD_BYTES"), one_per_event=True)
+        makes_body = any(plan.fits(len(shaped_event.body)) for shaped_event in encoded)
+        deliveries = delivery.create_deliveries(
+            connection,
+            shaped.envelope,
+            encoded,
+            batch=batch,
+            one_per_event=True,
+            notification_types=notification_types,
+        )
+        routed.add(deliveries, room)
+        if makes_body:
+            notification_types = []
+
+    if not (fresh_count or shaped.notifications):
+        return
+    routed.routing.routed_count = fresh_count + len(shaped.notifications)
+    if connection.send_as_batch:
+        if window is None:
+            batcher.collect(connection, batch, _window_key(batch, data), [], shaped.notifications)
+        else:
+            batcher.add_items(window, batch, [], shaped.notifications)
+    elif not encoded_count and shaped.notifications:
+        deliveries = delivery.create_deliveries(
+            connection,
+            shaped.envelope,
+            [],
+            batch=batch,
+            one_per_event=True,
+            notification_types=notification_types,
+        )
+        routed.add(deliveries, room)
+
+
+def _count_filtered(connection: Connection, events: list[Any], start: int, routed: list[shaping.ShapedEvent]) -> None:
+    """Count the filtered events of one chunk that starts at index `start` of the batch."""
+    metrics.count_filtered(
+        connection.name, {"events": events}, [replace(shaped, index=shaped.index - start) for shaped in routed]
+    )
 
 
 def _route_whole_body(
