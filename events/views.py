@@ -15,16 +15,16 @@ from functools import partial
 from typing import Any
 
 import simplejson
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
-from rest_framework import serializers, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from events.authentication import FeedSecretAuthentication
+from events.authentication import FeedSecretAuthentication, forget_recent_feeds
 from events.models import Feed, InboundBatch
 from integrations import jsontext
 from portal import metrics
@@ -80,7 +80,17 @@ class InboundBatchView(APIView):
             metrics.count_batch(feed.name, "rejected")
             return Response({"detail": error.message}, status=error.status_code, headers=headers)
 
-        batch_id, duplicate = store_batch(feed, body.data, body.source_request_id, request_id=request_id)
+        try:
+            batch_id, duplicate = store_batch(feed, body.data, body.source_request_id, request_id=request_id)
+        except IntegrityError as error:
+            # The feed's foreign key is the only constraint the INSERT can break, so the
+            # feed was deleted after this process cached it. Without the cache this is a 401.
+            forget_recent_feeds()
+            logger.warning(
+                "inbound.feed_deleted",
+                extra={"feed_id": feed.pk, "request_id": request_id, "error": str(error).splitlines()[0]},
+            )
+            raise exceptions.AuthenticationFailed("Invalid feed secret.") from error
         del body
         metrics.count_batch(feed.name, "duplicate" if duplicate else "accepted")
         logger.info(

@@ -103,6 +103,22 @@ def test_secret_rotated_here_fails_at_once(client, feed):
     assert post(client, new_secret, "new").status_code == 202
 
 
+@pytest.mark.django_db(transaction=True)
+def test_feed_deleted_elsewhere_is_401(client):
+    feed = FeedFactory()
+    assert post(client, feed.plain_secret, "before").status_code == 202
+    # A raw DELETE sends no signal, as when another web process deletes the feed.
+    InboundBatch.objects.filter(feed=feed)._raw_delete(InboundBatch.objects.db)
+    Feed.objects.filter(pk=feed.pk)._raw_delete(Feed.objects.db)
+
+    response = post(client, feed.plain_secret, "after")
+
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid feed secret."}
+    assert response["WWW-Authenticate"] == 'Bearer realm="mparticle-feed"'
+    assert post(client, feed.plain_secret, "again").status_code == 401
+
+
 def test_zero_seconds_turns_cache_off(client, feed, settings):
     settings.PORTAL = {**settings.PORTAL, "FEED_AUTH_CACHE_SECONDS": 0}
     assert post(client, feed.plain_secret, "first").status_code == 202
