@@ -159,8 +159,12 @@ def _route_events(
             window = window or batcher.open_window(connection, _window_key(batch, data))
             batcher.add_items(window, batch, encoded, [])
             continue
-        plan = plan or shaping.PayloadPlan(shaped.envelope, portal_setting("MAX_PAYLOAD_BYTES"), one_per_event=True)
-        makes_body = any(plan.fits(len(shaped_event.body)) for shaped_event in encoded)
+        if len(events) > CHUNK_SIZE:
+            # Only a later chunk needs to know whether this one made the body that counts the notifications.
+            plan = plan or shaping.PayloadPlan(shaped.envelope, portal_setting("MAX_PAYLOAD_BYTES"), one_per_event=True)
+            makes_body = any(plan.fits(len(shaped_event.body)) for shaped_event in encoded)
+        else:
+            makes_body = True
         deliveries = delivery.create_deliveries(
             connection,
             shaped.envelope,

@@ -278,7 +278,10 @@ def _flush_one(
     notifications: list[Any] = []
     # Notifications and eventless batches are counted as routed items, like events.
     counted = _CountedOnce([])
+    # A window that fits in one chunk is handed over whole, without planning where bodies start.
+    split = _item_count(window) > CHUNK_SIZE
     plan: shaping.PayloadPlan | None = None
+    envelope_complete = False
     events: list[shaping.ShapedEvent] = []
     created: list[Delivery] = []
     position = 0
@@ -289,12 +292,14 @@ def _flush_one(
                 notifications.append(jsontext.parse(body))
             counted.types.append(route_type or "batch_without_events")
             continue
-        if plan is None:
+        if not envelope_complete:
             _add_notifications(envelope, notifications)
-            plan = shaping.PayloadPlan(envelope, portal_setting("MAX_PAYLOAD_BYTES"))
+            envelope_complete = True
+            if split:
+                plan = shaping.PayloadPlan(envelope, portal_setting("MAX_PAYLOAD_BYTES"))
 
         encoded = body.encode()
-        if plan.starts_body(len(encoded)):
+        if plan is not None and plan.starts_body(len(encoded)):
             if len(events) >= CHUNK_SIZE:
                 created += _create(connection, envelope, events, newest, window, counted)
                 events = []
@@ -302,7 +307,7 @@ def _flush_one(
         events.append(shaping.ShapedEvent(index=position, route_type=route_type, event=None, body=encoded))
         position += 1
 
-    if plan is None:
+    if not envelope_complete:
         _add_notifications(envelope, notifications)
         counted.has_body = True
     created += _create(connection, envelope, events, newest, window, counted)
