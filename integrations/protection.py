@@ -6,7 +6,6 @@ connection's limits therefore only ever postpone that connection's
 deliveries, and a worker slot is never spent waiting on them.
 """
 
-import contextlib
 import logging
 import math
 import time
@@ -69,31 +68,24 @@ def take_rate_tokens(key: str, limit_per_minute: int, requested: int) -> tuple[i
 
     Return how many may go now and, when that is fewer than `requested`, the
     seconds until the next minute. The counter lives in the Django cache,
-    which is Redis in production so that every worker shares it.
+    which is Redis in production so that every worker shares it. Counting
+    takes one cache call, except for the first count of a minute.
     """
     now = time.time()
     window = math.floor(now / RATE_WINDOW_SECONDS)
     cache_key = f"rate:{key}:{window}"
-    cache.add(cache_key, 0, timeout=RATE_WINDOW_SECONDS * 2)
     try:
         used = cache.incr(cache_key, requested)
     except ValueError:
-        cache.set(cache_key, requested, timeout=RATE_WINDOW_SECONDS * 2)
-        used = requested
+        # The minute's counter does not exist yet; another worker may create it first.
+        if cache.add(cache_key, requested, timeout=RATE_WINDOW_SECONDS * 2):
+            used = requested
+        else:
+            used = cache.incr(cache_key, requested)
     granted = max(0, min(requested, limit_per_minute - (used - requested)))
     if granted == requested:
         return granted, 0.0
     return granted, (window + 1) * RATE_WINDOW_SECONDS - now
-
-
-def return_rate_tokens(key: str, unused: int, taken_at: float) -> None:
-    """Give back tokens taken at `taken_at` (a `time.time()` value) but not spent, to the minute they came from."""
-    if unused <= 0:
-        return
-    cache_key = f"rate:{key}:{math.floor(taken_at / RATE_WINDOW_SECONDS)}"
-    # The key is gone once its minute has expired, and then nothing is owed.
-    with contextlib.suppress(ValueError):
-        cache.decr(cache_key, unused)
 
 
 def _probe_interval() -> timedelta:

@@ -146,15 +146,10 @@ def claim_chunk(connection: Connection, size: int) -> tuple[list[Delivery], bool
 
     Return the claimed deliveries, oldest first, and whether more were due.
     Nothing is claimed while the connection's claims fill its concurrency
-    limit. The rate limit's tokens are taken for the chunk before the claim,
-    and the unused ones given back.
+    limit, and no more than its rate limit grants for the minute. When the
+    rate limit stops it, a run is queued for the next minute.
     """
     if claims_in_flight(connection.pk) >= connection.concurrency_limit:
-        return [], False
-    taken_at = time.time()
-    granted, wait = protection.take_rate_tokens(connection.rate_limit_key, connection.rate_limit_per_minute, size)
-    if not granted:
-        start_run(connection.pk, countdown=wait)
         return [], False
 
     now = timezone.now()
@@ -162,8 +157,16 @@ def claim_chunk(connection: Connection, size: int) -> tuple[list[Delivery], bool
     lease = timedelta(seconds=portal_setting("LEASE_SECONDS"))
     with transaction.atomic():
         due = due_deliveries(now).filter(connection_id=connection.pk).select_for_update(skip_locked=True)
-        ids = list(due.values_list("pk", flat=True)[: granted + 1])
-        backlog = len(ids) > granted
+        ids = list(due.values_list("pk", flat=True)[: size + 1])
+        backlog = len(ids) > size
+        ids = ids[:size]
+        if not ids:
+            return [], False
+        granted, wait = protection.take_rate_tokens(
+            connection.rate_limit_key, connection.rate_limit_per_minute, len(ids)
+        )
+        if granted < len(ids):
+            start_run(connection.pk, countdown=wait)
         ids = ids[:granted]
         Delivery.objects.filter(pk__in=ids, status__in=CLAIMABLE).update(
             status=Delivery.Status.IN_FLIGHT,
@@ -171,7 +174,6 @@ def claim_chunk(connection: Connection, size: int) -> tuple[list[Delivery], bool
             claim_token=token,
             attempt_count=F("attempt_count") + 1,
         )
-    protection.return_rate_tokens(connection.rate_limit_key, size - len(ids), taken_at)
     if not ids:
         return [], False
     chunk = list(Delivery.objects.filter(pk__in=ids, claim_token=token).order_by("pk"))

@@ -188,11 +188,11 @@ def test_rate_limit_caps_chunk(no_broker):
 
     assert len(chunk) == 3
     assert later == []
-    assert no_broker["runs"] == [connection.pk]
+    assert no_broker["runs"] == [connection.pk, connection.pk]
     assert Delivery.objects.filter(status=Delivery.Status.PENDING).count() == 2
 
 
-def test_unused_rate_tokens_returned():
+def test_rate_tokens_only_for_due_deliveries():
     connection = ConnectionFactory(rate_limit_per_minute=3)
     waiting(connection, 1)
     runs.claim_chunk(connection, 10)
