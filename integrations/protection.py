@@ -88,6 +88,17 @@ def take_rate_tokens(key: str, limit_per_minute: int, requested: int) -> tuple[i
     return granted, (window + 1) * RATE_WINDOW_SECONDS - now
 
 
+def seconds_left_in_rate_window() -> float:
+    """Return the seconds until the rate limit's current minute ends."""
+    return RATE_WINDOW_SECONDS - time.time() % RATE_WINDOW_SECONDS
+
+
+def first_to_wait(key: str) -> bool:
+    """Return True for the first caller in the current minute to find `key`'s rate limit used up, False for the rest."""
+    window = math.floor(time.time() / RATE_WINDOW_SECONDS)
+    return bool(cache.add(f"rate-waiting:{key}:{window}", 1, timeout=RATE_WINDOW_SECONDS * 2))
+
+
 def _probe_interval() -> timedelta:
     return timedelta(seconds=portal_setting("BREAKER_PROBE_SECONDS"))
 

@@ -15,8 +15,8 @@ connection at once. A run that finds more due deliveries than it claimed
 starts one more run while the limit allows. A failed attempt ends the
 chunk, gives the rest back unsent and shrinks the next chunk to one.
 
-A paused or held connection is left to `delivery.deliver`, which knows the
-probe and the postponements.
+A paused or held connection is left to `delivery.deliver`, which handles
+the probe and the postponements.
 """
 
 import logging
@@ -147,7 +147,8 @@ def claim_chunk(connection: Connection, size: int) -> tuple[list[Delivery], bool
     Return the claimed deliveries, oldest first, and whether more were due.
     Nothing is claimed while the connection's claims fill its concurrency
     limit, and no more than its rate limit grants for the minute. When the
-    rate limit stops it, a run is queued for the next minute.
+    rate limit stops it, one run per connection and minute is queued for
+    the next minute.
     """
     if claims_in_flight(connection.pk) >= connection.concurrency_limit:
         return [], False
@@ -165,7 +166,7 @@ def claim_chunk(connection: Connection, size: int) -> tuple[list[Delivery], bool
         granted, wait = protection.take_rate_tokens(
             connection.rate_limit_key, connection.rate_limit_per_minute, len(ids)
         )
-        if granted < len(ids):
+        if granted < len(ids) and protection.first_to_wait(connection.rate_limit_key):
             start_run(connection.pk, countdown=wait)
         ids = ids[:granted]
         Delivery.objects.filter(pk__in=ids, status__in=CLAIMABLE).update(
@@ -185,29 +186,42 @@ def claim_chunk(connection: Connection, size: int) -> tuple[list[Delivery], bool
 def send_chunk(connection: Connection, chunk: Sequence[Delivery], send: Callable[..., Outcome]) -> list[Sent]:
     """POST the chunk's deliveries one after another and record them; return the attempts made.
 
-    Sending stops at the first attempt that does not deliver, or when the
-    lease could run out before the next attempt ends. What is left is given
-    back unsent, due at once.
+    Sending stops at the first attempt that does not deliver, when the
+    lease could run out before the next attempt ends, or when the rate
+    limit's minute in which the chunk was claimed is over. What is left is
+    given back unsent, due at once. If sending or recording raises, the
+    attempts made are still recorded where possible and the unsent rest is
+    given back. The delivery whose POST raised stays in flight, so the
+    sweeper records it as lost once its lease expires.
     """
-    budget = portal_setting("LEASE_SECONDS") - portal_setting("TOTAL_TIMEOUT_SECONDS") - LEASE_MARGIN_SECONDS
+    lease_budget = portal_setting("LEASE_SECONDS") - portal_setting("TOTAL_TIMEOUT_SECONDS") - LEASE_MARGIN_SECONDS
+    budget = min(lease_budget, protection.seconds_left_in_rate_window())
     started = time.monotonic()
     sent: list[Sent] = []
-    for item in chunk:
-        if sent and (not sent[-1].decision.delivered or time.monotonic() - started > budget):
-            break
-        started_at = timezone.now()
-        outcome = send(
-            connection.post_url,
-            item.payload.encode("utf-8"),
-            attempt_headers(item),
-            connect_timeout=portal_setting("CONNECT_TIMEOUT_SECONDS"),
-            total_timeout=portal_setting("TOTAL_TIMEOUT_SECONDS"),
-            verify=portal_setting("CA_BUNDLE") or True,
-        )
-        sent.append(Sent(item, outcome, started_at, decide(item, outcome, started_at)))
+    # Everything from this index on is given back unsent.
+    unsent_from = len(chunk)
+    try:
+        for index, item in enumerate(chunk):
+            if sent and (not sent[-1].decision.delivered or time.monotonic() - started > budget):
+                unsent_from = index
+                break
+            unsent_from = index + 1
+            started_at = timezone.now()
+            outcome = send(
+                connection.post_url,
+                item.payload.encode("utf-8"),
+                attempt_headers(item),
+                connect_timeout=portal_setting("CONNECT_TIMEOUT_SECONDS"),
+                total_timeout=portal_setting("TOTAL_TIMEOUT_SECONDS"),
+                verify=portal_setting("CA_BUNDLE") or True,
+            )
+            sent.append(Sent(item, outcome, started_at, decide(item, outcome, started_at)))
+    finally:
+        try:
+            record_chunk(connection, sent)
+        finally:
+            give_back(chunk[unsent_from:])
 
-    record_chunk(connection, sent)
-    give_back(chunk[len(sent) :])
     for attempt in sent:
         if not attempt.decision.delivered:
             decision = attempt.decision

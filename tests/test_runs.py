@@ -4,11 +4,12 @@ from datetime import timedelta
 
 import pytest
 from django.core.cache import cache
+from django.db import OperationalError
 from django.db import connection as db_connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from integrations import delivery, runs
+from integrations import delivery, protection, runs
 from integrations.models import Delivery
 from integrations.transport import Outcome
 from tests.factories import ConnectionFactory
@@ -188,7 +189,7 @@ def test_rate_limit_caps_chunk(no_broker):
 
     assert len(chunk) == 3
     assert later == []
-    assert no_broker["runs"] == [connection.pk, connection.pk]
+    assert no_broker["runs"] == [connection.pk]
     assert Delivery.objects.filter(status=Delivery.Status.PENDING).count() == 2
 
 
@@ -287,3 +288,79 @@ def test_future_retry_not_claimed():
     later.refresh_from_db()
     assert send.delivery_ids == []
     assert later.status == Delivery.Status.RETRY_SCHEDULED
+
+
+class SendFailed(Exception):
+    pass
+
+
+def failing_on(call_number):
+    """Return a send that answers 200 but raises on its `call_number`-th call."""
+    calls = []
+
+    def send(url, body, headers, **timeouts):
+        calls.append(headers["X-Delivery-Id"])
+        if len(calls) == call_number:
+            raise SendFailed("connection reset by the test")
+        return Outcome(200, 1)
+
+    return send
+
+
+def test_send_error_keeps_earlier_results():
+    connection = ConnectionFactory()
+    first, raised, unsent = waiting(connection, 3)
+    chunk, _ = runs.claim_chunk(connection, 3)
+
+    with pytest.raises(SendFailed):
+        runs.send_chunk(connection, chunk, failing_on(2))
+
+    first.refresh_from_db()
+    raised.refresh_from_db()
+    unsent.refresh_from_db()
+    assert first.status == Delivery.Status.DELIVERED
+    assert first.attempts.count() == 1
+    assert raised.status == Delivery.Status.IN_FLIGHT
+    assert unsent.status == Delivery.Status.RETRY_SCHEDULED
+    assert unsent.attempt_count == 0
+
+
+def test_record_error_gives_rest_back(monkeypatch):
+    connection = ConnectionFactory()
+    _, unsent = waiting(connection, 2)
+    chunk, _ = runs.claim_chunk(connection, 2)
+
+    def deadlock(*args, **kwargs):
+        raise OperationalError("deadlock detected")
+
+    monkeypatch.setattr(runs, "update_connection_health", deadlock)
+    with pytest.raises(OperationalError):
+        runs.send_chunk(connection, chunk, Recorder(503))
+
+    unsent.refresh_from_db()
+    assert unsent.status == Delivery.Status.RETRY_SCHEDULED
+    assert unsent.attempt_count == 0
+
+
+def test_rate_limit_queues_one_run(no_broker, monkeypatch):
+    monkeypatch.setattr(runs, "CHUNK_SECONDS", 1000.0)
+    connection = ConnectionFactory(rate_limit_per_minute=3, concurrency_limit=1)
+    waiting(connection, 10)
+
+    runs.run(connection.pk, send=Recorder())
+    runs.run(connection.pk, send=Recorder())
+
+    assert no_broker["runs"] == [connection.pk]
+    assert Delivery.objects.filter(status=Delivery.Status.DELIVERED).count() == 3
+
+
+def test_chunk_stops_when_rate_minute_ends(monkeypatch):
+    monkeypatch.setattr(protection, "seconds_left_in_rate_window", lambda: 0.0)
+    connection = ConnectionFactory()
+    waiting(connection, 3)
+    chunk, _ = runs.claim_chunk(connection, 3)
+
+    sent = runs.send_chunk(connection, chunk, Recorder())
+
+    assert len(sent) == 1
+    assert Delivery.objects.filter(status=Delivery.Status.RETRY_SCHEDULED, attempt_count=0).count() == 2
