@@ -60,7 +60,9 @@ class Feed(models.Model):
 
 
 class InboundBatchQuerySet(models.QuerySet["InboundBatch"]):
-    def insert_received(self, *, feed_id: int, source_request_id: str | None, body: bytes) -> int | None:
+    def insert_received(
+        self, *, feed_id: int, source_request_id: str | None, body: bytes, request_id: str = ""
+    ) -> int | None:
         """INSERT a received batch with its UTF-8 body and return its id, or None if its request id is a duplicate.
 
         `ON CONFLICT DO NOTHING` takes the place of a duplicate check before the
@@ -69,7 +71,9 @@ class InboundBatchQuerySet(models.QuerySet["InboundBatch"]):
         constraints are the primary key and `unique_source_request_per_feed`.
         """
         connection = connections[self.db]
-        batch = InboundBatch(feed_id=feed_id, source_request_id=source_request_id, body_bytes=len(body))
+        batch = InboundBatch(
+            feed_id=feed_id, source_request_id=source_request_id, body_bytes=len(body), request_id=request_id
+        )
         columns, placeholders, params = [], [], []
         for field in InboundBatch._meta.concrete_fields:
             if field.primary_key:
@@ -146,6 +150,9 @@ class InboundBatch(models.Model):
         default=0, help_text="Routing runs that failed with an error; the batch fails after several."
     )
     error = models.TextField(blank=True)
+    request_id = models.CharField(
+        max_length=128, blank=True, default="", help_text="The inbound request's id, which routing's logs carry."
+    )
 
     objects = InboundBatchQuerySet.as_manager()
 

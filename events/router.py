@@ -11,6 +11,7 @@ parsed body. All chunks run in the one routing transaction.
 """
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -26,6 +27,7 @@ from integrations import batcher, delivery, jsontext, shaping
 from integrations.models import BatchWindow, Connection, Delivery, Routing
 from portal import metrics
 from portal.conf import portal_setting
+from portal.logging import bound_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -60,33 +62,64 @@ def route_batch(batch_id: int) -> bool:
         batch = InboundBatch.objects.select_for_update().filter(pk=batch_id).first()
         if batch is None or batch.status != InboundBatch.Status.RECEIVED:
             return False
+        # The sweeper queues a batch without its request id, which the batch has stored.
+        with bound_request_id(batch.request_id) if batch.request_id else nullcontext():
+            _route_locked(batch)
+    return True
 
-        try:
-            data = jsontext.parse(batch.body)
-        except jsontext.InvalidJSON as error:
-            _mark_failed(batch, f"stored body is not JSON: {error}")
-            return True
-        # The parsed body contains all that routing needs, and the stored text is not saved again.
-        del batch.body
 
-        routings: list[Routing] = []
-        to_queue: list[Delivery] = []
-        created = 0
-        for connection in connections_for(batch):
-            routed = route_to_connection(batch, data, connection)
-            routings.append(routed.routing)
-            to_queue += routed.to_queue
-            created += routed.created
-        Routing.objects.bulk_create(routings)
+def route_next() -> int | None:
+    """Route the oldest received batch that no routing run has failed on yet; return its id, or None if none is left.
 
-        batch.status = InboundBatch.Status.ROUTED
-        batch.routed_at = timezone.now()
-        batch.event_count = len(shaping.batch_events(data))
-        batch.save(update_fields=["status", "routed_at", "event_count"])
-        delivery.enqueue_after_commit(to_queue)
+    Batches that another worker has locked are skipped, so several workers
+    can route side by side. A batch whose routing raised waits for the
+    sweeper, which retries it with `route_batch` after a pause, and the
+    error is counted on it before the exception propagates.
+    """
+    batch_id = None
+    try:
+        with transaction.atomic():
+            waiting = InboundBatch.objects.filter(status=InboundBatch.Status.RECEIVED, routing_attempts=0)
+            batch = waiting.select_for_update(skip_locked=True).order_by("pk").first()
+            if batch is None:
+                return None
+            batch_id = batch.pk
+            with bound_request_id(batch.request_id or None):
+                _route_locked(batch)
+    except Exception as error:
+        if batch_id is not None:
+            record_failed_run(batch_id, error)
+        raise
+    return batch_id
+
+
+def _route_locked(batch: InboundBatch) -> None:
+    """Route a batch whose row the current transaction has locked, and mark it routed (or failed if not JSON)."""
+    try:
+        data = jsontext.parse(batch.body)
+    except jsontext.InvalidJSON as error:
+        _mark_failed(batch, f"stored body is not JSON: {error}")
+        return
+    # The parsed body contains all that routing needs, and the stored text is not saved again.
+    del batch.body
+
+    routings: list[Routing] = []
+    to_queue: list[Delivery] = []
+    created = 0
+    for connection in connections_for(batch):
+        routed = route_to_connection(batch, data, connection)
+        routings.append(routed.routing)
+        to_queue += routed.to_queue
+        created += routed.created
+    Routing.objects.bulk_create(routings)
+
+    batch.status = InboundBatch.Status.ROUTED
+    batch.routed_at = timezone.now()
+    batch.event_count = len(shaping.batch_events(data))
+    batch.save(update_fields=["status", "routed_at", "event_count"])
+    delivery.enqueue_after_commit(to_queue)
 
     logger.info("router.routed", extra={"batch_id": batch.pk, "deliveries": created})
-    return True
 
 
 def connections_for(batch: InboundBatch) -> list[Connection]:

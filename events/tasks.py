@@ -1,5 +1,7 @@
 """Celery tasks of the inbound side. Each loads ids and calls the router."""
 
+import time
+
 from celery import shared_task
 
 from events import dedup, router
@@ -18,6 +20,21 @@ def route_batch(batch_id: int, request_id: str | None = None) -> None:
             # instead of being retried by the sweeper forever.
             router.record_failed_run(batch_id, error)
             raise
+
+
+# Seconds a routing run goes on before it hands over to a fresh task, so
+# that a worker shutting down waits for no more than this.
+ROUTE_RUN_SECONDS = 5.0
+
+
+@shared_task(name="events.tasks.route_received")
+def route_received() -> None:
+    """Route received batches oldest first until none is left; each run's logs carry its batch's request id."""
+    started = time.monotonic()
+    while router.route_next() is not None:
+        if time.monotonic() - started > ROUTE_RUN_SECONDS:
+            route_received.delay()
+            return
 
 
 @shared_task(name="events.tasks.sweep_unrouted_batches")

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import simplejson
@@ -26,6 +25,7 @@ from rest_framework.views import APIView
 
 from events.authentication import FeedSecretAuthentication, forget_recent_feeds
 from events.models import Feed, InboundBatch
+from events.wakeup import routing_wakeup
 from integrations import jsontext
 from portal import metrics
 from portal.conf import portal_setting
@@ -208,16 +208,18 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
 def store_batch(
     feed: Feed, data: bytes, source_request_id: str | None, *, request_id: str | None = None
 ) -> tuple[int, bool]:
-    """Store the batch (UTF-8 JSON text) and queue its routing, returning its id and whether it is a duplicate.
+    """Store the batch (UTF-8 JSON text) and wake the routing workers, returning its id and whether it is a duplicate.
 
     A repeated source_request_id returns the first batch's id. `request_id`
-    is passed to the routing task, whose logs carry it. Outside a
-    transaction the INSERT commits on its own and routing is queued at once.
+    is stored with the batch, and routing's logs carry it. Outside a
+    transaction the INSERT commits on its own and the wake-up is asked for at once.
     """
     for _ in range(3):
-        batch_id = InboundBatch.objects.insert_received(feed_id=feed.pk, source_request_id=source_request_id, body=data)
+        batch_id = InboundBatch.objects.insert_received(
+            feed_id=feed.pk, source_request_id=source_request_id, body=data, request_id=request_id or ""
+        )
         if batch_id is not None:
-            transaction.on_commit(partial(enqueue_routing, batch_id, request_id))
+            transaction.on_commit(routing_wakeup.wake)
             return batch_id, False
         assert source_request_id is not None
         existing = InboundBatch.objects.id_for_request(feed.pk, source_request_id)
@@ -235,13 +237,3 @@ def _source_request_id(value: Any) -> str | None:
     if len(text) > 200 or "\x00" in text:
         return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return text
-
-
-def enqueue_routing(batch_id: int, request_id: str | None = None) -> None:
-    """Queue routing; if the broker is down the batch stays stored and the sweeper queues it later."""
-    from events.tasks import route_batch
-
-    try:
-        route_batch.delay(batch_id, request_id=request_id)
-    except Exception:
-        logger.exception("inbound.enqueue_failed", extra={"batch_id": batch_id, "request_id": request_id})

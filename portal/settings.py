@@ -199,6 +199,7 @@ CELERY_TASK_QUEUES = [
 CELERY_TASK_DEFAULT_QUEUE = "maintenance"
 CELERY_TASK_ROUTES = {
     "events.tasks.route_batch": {"queue": "routing"},
+    "events.tasks.route_received": {"queue": "routing"},
     "integrations.tasks.deliver": {"queue": "deliveries"},
     "integrations.tasks.send_due": {"queue": "deliveries"},
     "events.tasks.sweep_unrouted_batches": {"queue": "maintenance"},
@@ -269,6 +270,9 @@ PORTAL = {
     "RETRY_BASE_SECONDS": env.float("PORTAL_RETRY_BASE_SECONDS", default=30.0),
     # Maximum delay between two attempts, in seconds.
     "RETRY_MAX_SECONDS": env.float("PORTAL_RETRY_MAX_SECONDS", default=6 * 3600.0),
+    # Seconds a web process waits after publishing a routing task before it
+    # publishes the next, so that the batches stored meanwhile share one task.
+    "ROUTING_WAKE_SECONDS": env.float("PORTAL_ROUTING_WAKE_SECONDS", default=0.02),
     # Most deliveries of one connection claimed and POSTed together; a run
     # sizes each chunk to take about half a second at the connection's pace.
     "DELIVERY_CHUNK_MAX": env.int("PORTAL_DELIVERY_CHUNK_MAX", default=100),

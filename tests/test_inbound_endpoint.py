@@ -6,6 +6,7 @@ import zlib
 import pytest
 from django.contrib.auth.models import User
 
+from events import wakeup
 from events.models import InboundBatch
 from tests.factories import FeedFactory
 
@@ -198,22 +199,23 @@ def test_brotli_is_415(client, feed):
     assert response.status_code == 415
 
 
-def test_enqueue_failure_keeps_batch(client, feed, monkeypatch, django_capture_on_commit_callbacks):
-    from events import tasks
+def test_broker_down_keeps_batch(client, feed, monkeypatch, django_capture_on_commit_callbacks):
+    from events import tasks, views
 
-    calls = []
+    wakes = []
+    monkeypatch.setattr(views.routing_wakeup, "wake", lambda: wakes.append(1))
 
     def broker_down(*args, **kwargs):
-        calls.append(args)
         raise ConnectionError("broker unavailable")
 
-    monkeypatch.setattr(tasks.route_batch, "delay", broker_down)
+    monkeypatch.setattr(tasks.route_received, "delay", broker_down)
 
     with django_capture_on_commit_callbacks(execute=True):
         response = post(client, BASE, feed.plain_secret)
 
     assert response.status_code == 202
-    assert calls == [(response.json()["batch_id"],)]
+    assert wakes == [1]
+    assert wakeup.publish_wakeup() is False
     assert InboundBatch.objects.get().status == InboundBatch.Status.RECEIVED
 
 

@@ -119,23 +119,20 @@ def test_paused_connection_logs_its_id_and_reason(caplog):
     )
 
 
-def test_request_id_echoed_and_queued(client, monkeypatch, django_capture_on_commit_callbacks):
-    sent = []
-    monkeypatch.setattr(tasks.route_batch, "delay", lambda *args, **kwargs: sent.append((args, kwargs)))
+def test_request_id_echoed_and_stored(client):
     feed = FeedFactory()
 
-    with django_capture_on_commit_callbacks(execute=True):
-        response = client.post(
-            "/api/v1/mparticle/",
-            '{"events": []}',
-            content_type="application/json",
-            HTTP_AUTHORIZATION=feed.plain_secret,
-            HTTP_X_REQUEST_ID="req-0042",
-        )
+    response = client.post(
+        "/api/v1/mparticle/",
+        '{"events": []}',
+        content_type="application/json",
+        HTTP_AUTHORIZATION=feed.plain_secret,
+        HTTP_X_REQUEST_ID="req-0042",
+    )
 
     assert response.status_code == 202
     assert response["X-Request-Id"] == "req-0042"
-    assert sent == [((response.json()["batch_id"],), {"request_id": "req-0042"})]
+    assert InboundBatch.objects.get(pk=response.json()["batch_id"]).request_id == "req-0042"
 
 
 @pytest.mark.parametrize("header", [None, "", "two words", "x" * 129, "line\nbreak"])
@@ -156,6 +153,17 @@ def test_routing_logs_carry_the_request_id(caplog):
     [record] = records_named(caplog, "router.routed")
     assert (record.batch_id, record.request_id) == (batch.pk, "req-0042")
     assert InboundBatch.objects.get().status == InboundBatch.Status.ROUTED
+
+
+def test_woken_routing_logs_the_stored_request_id(caplog):
+    caplog.handler.addFilter(RequestIdFilter())
+    caplog.set_level(logging.INFO, logger="events.router")
+    batch = InboundBatchFactory(body='{"events": [{"event_type": "custom_event", "data": {}}]}', request_id="req-0043")
+
+    tasks.route_received()
+
+    [record] = records_named(caplog, "router.routed")
+    assert (record.batch_id, record.request_id) == (batch.pk, "req-0043")
 
 
 def test_request_id_is_unbound_after_the_block():
