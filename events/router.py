@@ -25,7 +25,7 @@ from events.event_types import RouteType, route_type_of_notification
 from events.models import InboundBatch
 from integrations import batcher, delivery, jsontext, shaping
 from integrations.models import BatchWindow, Connection, Delivery, Routing
-from portal import metrics
+from portal import memory, metrics
 from portal.conf import portal_setting
 from portal.logging import bound_request_id
 
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Events shaped, de-duplicated, encoded and stored at once.
 CHUNK_SIZE = 500
+# After routing a body at least this large, the worker hands the memory it
+# freed back to the operating system.
+TRIM_AFTER_BYTES = 1_000_000
 
 
 @dataclass
@@ -118,6 +121,8 @@ def _route_locked(batch: InboundBatch) -> None:
     batch.event_count = len(shaping.batch_events(data))
     batch.save(update_fields=["status", "routed_at", "event_count"])
     delivery.enqueue_after_commit(to_queue)
+    if batch.body_bytes >= TRIM_AFTER_BYTES:
+        transaction.on_commit(memory.release_free_memory)
 
     logger.info("router.routed", extra={"batch_id": batch.pk, "deliveries": created})
 
