@@ -72,32 +72,41 @@ def route_batch(batch_id: int) -> bool:
 
 
 def route_next() -> int | None:
-    """Route the oldest received batch that no routing run has failed on yet; return its id, or None if none is left.
+    """Route the oldest received batch that no routing run has started yet; return its id, or None if none is left.
 
     Batches that another worker has locked are skipped, so several workers
-    can route side by side. A batch whose routing raised waits for the
-    sweeper, which retries it with `route_batch` after a pause, and the
-    error is counted on it before the exception propagates.
+    can route side by side. The run is counted on the batch before routing
+    starts, so a run that kills its worker still counts and the batch is
+    passed over from then on; a successful run takes the count back. A
+    batch whose routing raised keeps the count and the error, and the
+    sweeper retries it with `route_batch` after a pause. The error is not
+    raised, so the caller can go on with the next batch.
     """
-    batch_id = None
+    with transaction.atomic():
+        waiting = InboundBatch.objects.filter(status=InboundBatch.Status.RECEIVED, routing_attempts=0)
+        batch_id = waiting.select_for_update(skip_locked=True).order_by("pk").values_list("pk", flat=True).first()
+        if batch_id is None:
+            return None
+        InboundBatch.objects.filter(pk=batch_id).update(routing_attempts=F("routing_attempts") + 1)
+
     try:
         with transaction.atomic():
-            waiting = InboundBatch.objects.filter(status=InboundBatch.Status.RECEIVED, routing_attempts=0)
-            batch = waiting.select_for_update(skip_locked=True).order_by("pk").first()
-            if batch is None:
-                return None
-            batch_id = batch.pk
+            batch = InboundBatch.objects.select_for_update().filter(pk=batch_id).first()
+            if batch is None or batch.status != InboundBatch.Status.RECEIVED:
+                return batch_id
             with bound_request_id(batch.request_id or None):
-                _route_locked(batch)
+                _route_locked(batch, run_counted=True)
     except Exception as error:
-        if batch_id is not None:
-            record_failed_run(batch_id, error)
-        raise
+        record_failed_run(batch_id, error, counted=True)
     return batch_id
 
 
-def _route_locked(batch: InboundBatch) -> None:
-    """Route a batch whose row the current transaction has locked, and mark it routed (or failed if not JSON)."""
+def _route_locked(batch: InboundBatch, *, run_counted: bool = False) -> None:
+    """Route a batch whose row the current transaction has locked, and mark it routed (or failed if not JSON).
+
+    With `run_counted`, the run was counted in `routing_attempts` when it
+    started, and the count is taken back as the batch is marked routed.
+    """
     try:
         data = jsontext.parse(batch.body)
     except jsontext.InvalidJSON as error:
@@ -119,7 +128,11 @@ def _route_locked(batch: InboundBatch) -> None:
     batch.status = InboundBatch.Status.ROUTED
     batch.routed_at = timezone.now()
     batch.event_count = len(shaping.batch_events(data))
-    batch.save(update_fields=["status", "routed_at", "event_count"])
+    updated = ["status", "routed_at", "event_count"]
+    if run_counted:
+        batch.routing_attempts = F("routing_attempts") - 1
+        updated.append("routing_attempts")
+    batch.save(update_fields=updated)
     delivery.enqueue_after_commit(to_queue)
     if batch.body_bytes >= TRIM_AFTER_BYTES:
         transaction.on_commit(memory.release_free_memory)
@@ -279,16 +292,22 @@ def _mark_failed(batch: InboundBatch, reason: str) -> None:
 MAX_ROUTING_ATTEMPTS = 5
 
 
-def record_failed_run(batch_id: int, error: BaseException) -> None:
-    """Count a routing run that raised; after MAX_ROUTING_ATTEMPTS the batch is failed with the error shown."""
+def record_failed_run(batch_id: int, error: BaseException, *, counted: bool = False) -> None:
+    """Count a routing run that raised; after MAX_ROUTING_ATTEMPTS the batch is failed with the error shown.
+
+    `counted` means the run was already counted when it started. The log
+    record carries the request id stored with the batch.
+    """
     reason = f"routing failed: {error.__class__.__name__}: {error}"[:1000]
-    InboundBatch.objects.filter(pk=batch_id, status=InboundBatch.Status.RECEIVED).update(
-        routing_attempts=F("routing_attempts") + 1, error=reason
-    )
-    failed = InboundBatch.objects.filter(
-        pk=batch_id, status=InboundBatch.Status.RECEIVED, routing_attempts__gte=MAX_ROUTING_ATTEMPTS
-    ).update(status=InboundBatch.Status.FAILED)
-    logger.error("router.run_failed", extra={"batch_id": batch_id, "reason": reason, "gave_up": bool(failed)})
+    received = InboundBatch.objects.filter(pk=batch_id, status=InboundBatch.Status.RECEIVED)
+    if counted:
+        received.update(error=reason)
+    else:
+        received.update(routing_attempts=F("routing_attempts") + 1, error=reason)
+    failed = received.filter(routing_attempts__gte=MAX_ROUTING_ATTEMPTS).update(status=InboundBatch.Status.FAILED)
+    request_id = InboundBatch.objects.filter(pk=batch_id).values_list("request_id", flat=True).first()
+    with bound_request_id(request_id) if request_id else nullcontext():
+        logger.error("router.run_failed", extra={"batch_id": batch_id, "reason": reason, "gave_up": bool(failed)})
 
 
 def sweep_unrouted(grace_seconds: float) -> list[int]:

@@ -29,7 +29,11 @@ ROUTE_RUN_SECONDS = 5.0
 
 @shared_task(name="events.tasks.route_received")
 def route_received() -> None:
-    """Route received batches oldest first until none is left; each run's logs carry its batch's request id."""
+    """Route received batches oldest first until none is left; each run's logs carry its batch's request id.
+
+    A batch whose routing raises is recorded and left to the sweeper, and
+    the others go on being routed.
+    """
     started = time.monotonic()
     while router.route_next() is not None:
         if time.monotonic() - started > ROUTE_RUN_SECONDS:

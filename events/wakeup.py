@@ -18,6 +18,9 @@ from portal.conf import portal_setting
 
 logger = logging.getLogger(__name__)
 
+# Seconds the thread waits after a failed publish when the setting cannot be read either.
+FALLBACK_PAUSE_SECONDS = 1.0
+
 
 class RoutingWakeup:
     """A flag that a publishing thread, started in each process on first use, turns into `route_received` tasks."""
@@ -43,11 +46,22 @@ class RoutingWakeup:
             self._owner_pid = os.getpid()
 
     def _publish_forever(self) -> None:
-        while True:
-            self._pending.wait()
-            self._pending.clear()
-            publish_wakeup()
-            time.sleep(portal_setting("ROUTING_WAKE_SECONDS"))
+        try:
+            while True:
+                self._pending.wait()
+                self._pending.clear()
+                try:
+                    publish_wakeup()
+                    pause = portal_setting("ROUTING_WAKE_SECONDS")
+                except Exception:
+                    logger.exception("inbound.wakeup_failed")
+                    pause = FALLBACK_PAUSE_SECONDS
+                time.sleep(pause)
+        finally:
+            # Whatever ended the thread, the next wake() starts another.
+            with self._start_lock:
+                if self._owner_pid == os.getpid():
+                    self._owner_pid = None
 
 
 def publish_wakeup() -> bool:

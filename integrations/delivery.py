@@ -38,10 +38,14 @@ COUNTDOWN_LIMIT_SECONDS = 300
 
 
 def _enqueue(delivery_ids: Iterable[int], countdown: float | None = None) -> None:
+    """Queue a task per delivery; one that cannot be queued is logged, and the sweeper queues it later."""
     from integrations.tasks import deliver
 
     for delivery_id in delivery_ids:
-        deliver.apply_async((delivery_id,), countdown=countdown or 0)
+        try:
+            deliver.apply_async((delivery_id,), countdown=countdown or 0)
+        except Exception:
+            logger.exception("delivery.enqueue_failed", extra={"delivery_id": delivery_id})
 
 
 def enqueue_after_commit(deliveries: Sequence[Delivery]) -> None:

@@ -127,7 +127,14 @@ def start_run(connection_id: int, countdown: float = 0) -> None:
     """Queue a task that starts a run for the connection once the current transaction commits."""
     from integrations.tasks import send_due
 
-    transaction.on_commit(lambda: send_due.apply_async((connection_id,), countdown=countdown))
+    def queue() -> None:
+        try:
+            send_due.apply_async((connection_id,), countdown=countdown)
+        except Exception:
+            # The connection's due deliveries stay claimable, and the sweeper queues them.
+            logger.exception("delivery.run_enqueue_failed", extra={"connection_id": connection_id})
+
+    transaction.on_commit(queue)
 
 
 def next_chunk_size(sent: Sequence[Sent], seconds: float) -> int:
