@@ -1,9 +1,11 @@
 """Per-connection protection: pauses, probes, the circuit breaker, rate limit and concurrency cap.
 
-`admit` runs after a delivery is claimed and before it is sent. It returns
-None when the attempt may go ahead, or the time to postpone it to. One
-connection's limits therefore only ever postpone that connection's
-deliveries, and a worker slot is never spent waiting on them.
+`admit` runs after a single delivery is claimed and before it is sent. It
+returns None when the attempt may go ahead, or the time to postpone it to.
+One connection's limits therefore only ever postpone that connection's
+deliveries, and a worker slot is never spent waiting on them. Runs that
+send deliveries in chunks (`integrations.runs`) check the same pause, hold,
+concurrency cap and rate limit once per chunk.
 """
 
 import logging
