@@ -16,7 +16,7 @@ from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
 from django.db import transaction
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from events.models import InboundBatch
@@ -62,12 +62,6 @@ def enqueue_after_commit(deliveries: Sequence[Delivery]) -> None:
     ids = list(first_per_connection.values())
     if ids:
         transaction.on_commit(lambda: _enqueue(ids))
-
-
-def claims_in_flight(connection_id: int) -> int:
-    """Return how many claims of the connection are in flight; each sends its deliveries one after another."""
-    in_flight = Delivery.objects.filter(connection_id=connection_id, status=Delivery.Status.IN_FLIGHT)
-    return int(in_flight.aggregate(claims=Count("claim_token", distinct=True))["claims"])
 
 
 def _in_flight(connection_id: int) -> bool:
@@ -268,15 +262,22 @@ def policy_for(connection: Connection) -> RetryPolicy:
     )
 
 
-def postpone(delivery: Delivery, until: datetime) -> None:
-    """Give back a claimed delivery unsent, due again at `until`; the claim's attempt is not counted.
+def still_claimed(items: Sequence[Delivery]) -> QuerySet[Delivery]:
+    """Return the items that are still in flight under the one claim that took them all."""
+    return Delivery.objects.filter(
+        pk__in=[item.pk for item in items], status=Delivery.Status.IN_FLIGHT, claim_token=items[0].claim_token
+    )
 
-    No task is queued for it: the connection's next finished attempt or the
-    sweeper queues it once it is due, within the connection's limits.
+
+def postpone(items: Sequence[Delivery], until: datetime) -> None:
+    """Give back deliveries of one claim unsent, due again at `until`; the claim's attempt is not counted.
+
+    No task is queued for them: a run of their connection or the sweeper
+    queues them once they are due, within the connection's limits.
     """
-    Delivery.objects.filter(
-        pk=delivery.pk, status=Delivery.Status.IN_FLIGHT, attempt_count=delivery.attempt_count
-    ).update(
+    if not items:
+        return
+    still_claimed(items).update(
         status=Delivery.Status.RETRY_SCHEDULED,
         next_attempt_at=until,
         attempt_count=F("attempt_count") - 1,
@@ -292,7 +293,7 @@ def step_back(delivery: Delivery, until: datetime, now: datetime) -> None:
     seeing the other in flight. The later one finds nothing in flight and
     wakes the connection, so its deliveries do not wait for the sweeper.
     """
-    postpone(delivery, until)
+    postpone([delivery], until)
     if until <= now and not _in_flight(delivery.connection_id):
         queue_next(delivery.connection_id)
 
@@ -465,7 +466,7 @@ def sweep() -> int:
     queued = 0
     sendable = Q(paused_at__isnull=True) | Q(auto_resume=True, hold_until__lte=now)
     for connection in Connection.objects.filter(sendable, pk__in=stranded.values("connection_id")):
-        slots = max(connection.concurrency_limit - claims_in_flight(connection.pk), 0)
+        slots = max(connection.concurrency_limit - protection.claims_in_flight(connection.pk), 0)
         ids = list(stranded.filter(connection=connection).values_list("pk", flat=True)[:slots])
         _enqueue(ids)
         queued += len(ids)

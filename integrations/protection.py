@@ -11,10 +11,11 @@ concurrency cap and rate limit once per chunk.
 import logging
 import math
 import time
+import uuid
 from datetime import datetime, timedelta
 
 from django.core.cache import cache
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from integrations.models import Connection, Delivery, DeliveryAttempt
@@ -43,7 +44,7 @@ def admit(connection: Connection, delivery: Delivery, now: datetime) -> datetime
         return None
     if connection.hold_until and connection.hold_until > now:
         return connection.hold_until
-    if _claims_elsewhere(connection, delivery) >= connection.concurrency_limit:
+    if claims_in_flight(connection.pk, excluding=delivery.claim_token) >= connection.concurrency_limit:
         # Due again at once: the next finished attempt of this connection queues it.
         return now
     wait = take_rate_token(connection.rate_limit_key, connection.rate_limit_per_minute)
@@ -52,11 +53,18 @@ def admit(connection: Connection, delivery: Delivery, now: datetime) -> datetime
     return None
 
 
-def _claims_elsewhere(connection: Connection, delivery: Delivery) -> int:
+def claims_in_flight(connection_id: int, excluding: uuid.UUID | None = None) -> int:
+    """Return how many claims of the connection are in flight, leaving out the claim `excluding`.
+
+    Each claim sends its deliveries one after another, so this is the
+    number of POSTs that may be under way at once.
+    """
     # NOTE: two workers counting at the same moment can both pass, so the cap
     # can be exceeded by the number of workers racing for it.
-    in_flight = Delivery.objects.filter(connection=connection, status=Delivery.Status.IN_FLIGHT)
-    return in_flight.exclude(claim_token=delivery.claim_token).values("claim_token").distinct().count()
+    in_flight = Delivery.objects.filter(connection_id=connection_id, status=Delivery.Status.IN_FLIGHT)
+    if excluding is not None:
+        in_flight = in_flight.exclude(claim_token=excluding)
+    return int(in_flight.aggregate(claims=Count("claim_token", distinct=True))["claims"])
 
 
 def take_rate_token(key: str, limit_per_minute: int) -> float:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import F, QuerySet
+from django.db.models import F
 from django.utils import timezone
 
 from integrations import protection, retry_policy
@@ -36,11 +36,12 @@ from integrations.delivery import (
     after_record,
     attempt_fields,
     attempt_headers,
-    claims_in_flight,
     decide,
     deliver,
     due_deliveries,
     outcome_updates,
+    postpone,
+    still_claimed,
     update_connection_health,
 )
 from integrations.models import Connection, Delivery, DeliveryAttempt
@@ -102,7 +103,7 @@ def run(connection_id: int, delivery_id: int | None = None, send: Callable[..., 
         chunk, backlog = claim_chunk(connection, size)
         if not chunk:
             return attempted
-        if backlog and not spread and claims_in_flight(connection.pk) < connection.concurrency_limit:
+        if backlog and not spread and protection.claims_in_flight(connection.pk) < connection.concurrency_limit:
             start_run(connection.pk)
             spread = True
 
@@ -157,7 +158,7 @@ def claim_chunk(connection: Connection, size: int) -> tuple[list[Delivery], bool
     rate limit stops it, one run per connection and minute is queued for
     the next minute.
     """
-    if claims_in_flight(connection.pk) >= connection.concurrency_limit:
+    if protection.claims_in_flight(connection.pk) >= connection.concurrency_limit:
         return [], False
 
     now = timezone.now()
@@ -227,7 +228,7 @@ def send_chunk(connection: Connection, chunk: Sequence[Delivery], send: Callable
         try:
             record_chunk(connection, sent)
         finally:
-            give_back(chunk[unsent_from:])
+            postpone(chunk[unsent_from:], timezone.now())
 
     for attempt in sent:
         if not attempt.decision.delivered:
@@ -256,31 +257,11 @@ def record_chunk(connection: Connection, sent: Sequence[Sent]) -> None:
             if item.decision.delivered:
                 delivered.setdefault(item.outcome.status_code, []).append(item.delivery)
             else:
-                _still_claimed([item.delivery]).update(**updates)
+                still_claimed([item.delivery]).update(**updates)
         for status_code, items in delivered.items():
             updates = outcome_updates(Outcome(status_code, 0), retry_policy.Decision(delivered=True), now)
-            _still_claimed(items).update(**updates)
+            still_claimed(items).update(**updates)
         update_connection_health(connection, [item.decision for item in sent], now)
 
     for item in sent:
         after_record(item.delivery, item.outcome, item.decision)
-
-
-def give_back(unsent: Sequence[Delivery]) -> None:
-    """Return claimed deliveries that were not sent, due at once; their claim's attempt is not counted."""
-    if not unsent:
-        return
-    _still_claimed(unsent).update(
-        status=Delivery.Status.RETRY_SCHEDULED,
-        next_attempt_at=timezone.now(),
-        attempt_count=F("attempt_count") - 1,
-        lease_expires_at=None,
-        claim_token=None,
-    )
-
-
-def _still_claimed(items: Sequence[Delivery]) -> QuerySet[Delivery]:
-    """Return the items that are still in flight under the claim that took them."""
-    return Delivery.objects.filter(
-        pk__in=[item.pk for item in items], status=Delivery.Status.IN_FLIGHT, claim_token=items[0].claim_token
-    )

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db
 
 
 class Recorder:
-    """A replacement for `post_json` that answers each POST with the next status and records the delivery ids."""
+    """A replacement for `post_json` that returns the next status for each POST and records the delivery ids."""
 
     def __init__(self, *statuses, default=200):
         self.statuses = list(statuses)
@@ -176,7 +176,7 @@ def test_one_claim_takes_several_deliveries():
     third, _ = runs.claim_chunk(connection, 3)
 
     assert len({item.claim_token for item in first}) == 1
-    assert delivery.claims_in_flight(connection.pk) == 2
+    assert protection.claims_in_flight(connection.pk) == 2
     assert (len(first), len(second), len(third)) == (3, 2, 0)
 
 
@@ -261,16 +261,16 @@ def test_lease_budget_stops_chunk(settings):
 
 def test_claim_taken_back_keeps_sweeper_state():
     connection = ConnectionFactory()
-    kept, taken = waiting(connection, 2)
+    held, reclaimed = waiting(connection, 2)
     chunk, _ = runs.claim_chunk(connection, 2)
-    Delivery.objects.filter(pk=taken.pk).update(status=Delivery.Status.RETRY_SCHEDULED, claim_token=None)
+    Delivery.objects.filter(pk=reclaimed.pk).update(status=Delivery.Status.RETRY_SCHEDULED, claim_token=None)
 
     runs.send_chunk(connection, chunk, Recorder())
 
-    kept.refresh_from_db()
-    taken.refresh_from_db()
-    assert kept.status == Delivery.Status.DELIVERED
-    assert taken.status == Delivery.Status.RETRY_SCHEDULED
+    held.refresh_from_db()
+    reclaimed.refresh_from_db()
+    assert held.status == Delivery.Status.DELIVERED
+    assert reclaimed.status == Delivery.Status.RETRY_SCHEDULED
 
 
 def test_future_retry_not_claimed():
@@ -295,7 +295,7 @@ class SendFailed(Exception):
 
 
 def failing_on(call_number):
-    """Return a send that answers 200 but raises on its `call_number`-th call."""
+    """Return a send that returns 200 but raises on its `call_number`-th call."""
     calls = []
 
     def send(url, body, headers, **timeouts):
