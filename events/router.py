@@ -52,11 +52,11 @@ class RoutedToConnection:
 
     def add(self, deliveries: list[Delivery], room: int) -> None:
         self.created += len(deliveries)
-        for made in deliveries:
-            if made.status == Delivery.Status.FAILED:
-                self.routing.failed_count += made.event_count
-            elif made.status == Delivery.Status.PENDING and len(self.to_queue) < room:
-                self.to_queue.append(made)
+        for new_delivery in deliveries:
+            if new_delivery.status == Delivery.Status.FAILED:
+                self.routing.failed_count += new_delivery.event_count
+            elif new_delivery.status == Delivery.Status.PENDING and len(self.to_queue) < room:
+                self.to_queue.append(new_delivery)
 
 
 def route_batch(batch_id: int) -> bool:
@@ -76,11 +76,11 @@ def route_next() -> int | None:
 
     Batches that another worker has locked are skipped, so several workers
     can route side by side. The run is counted on the batch before routing
-    starts, so a run that kills its worker still counts and the batch is
-    passed over from then on; a successful run takes the count back. A
-    batch whose routing raised keeps the count and the error, and the
-    sweeper retries it with `route_batch` after a pause. The error is not
-    raised, so the caller can go on with the next batch.
+    starts, so that a run that kills its worker still counts, and from then
+    on this function passes the batch over. A successful run takes the
+    count back. A batch whose routing raised keeps the count and the
+    error, and the sweeper retries it with `route_batch` after a pause. The
+    error is not raised, so the caller can go on with the next batch.
     """
     with transaction.atomic():
         waiting = InboundBatch.objects.filter(status=InboundBatch.Status.RECEIVED, routing_attempts=0)

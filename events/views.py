@@ -219,7 +219,8 @@ def store_batch(
             feed_id=feed.pk, source_request_id=source_request_id, body=data, request_id=request_id or ""
         )
         if batch_id is not None:
-            # The batch is committed whatever happens to the wake-up, and the sweeper covers a lost one.
+            # With robust=True a failed wake-up is logged and the committed batch still gets 202.
+            # The sweeper routes a batch whose wake-up was lost.
             transaction.on_commit(routing_wakeup.wake, robust=True)
             return batch_id, False
         assert source_request_id is not None

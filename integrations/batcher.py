@@ -225,10 +225,10 @@ def _flush(windows: list[BatchWindow], *, keep_deliveries: bool = True) -> _Flus
         created = _flush_one(window, connection, envelopes[window_id], batches[window_id], window_rows)
         if created:
             result.windows_sent += 1
-        for made in created:
-            if made.status == Delivery.Status.PENDING and room[connection.pk] > 0:
+        for new_delivery in created:
+            if new_delivery.status == Delivery.Status.PENDING and room[connection.pk] > 0:
                 room[connection.pk] -= 1
-                result.to_queue.append(made)
+                result.to_queue.append(new_delivery)
         if keep_deliveries:
             result.deliveries += created
         logger.info(

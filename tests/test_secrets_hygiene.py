@@ -77,3 +77,36 @@ def test_delivery_tasks_carry_ids_only(monkeypatch):
     delivery._enqueue([item.pk])
 
     assert queued == [(item.pk,)]
+
+
+def test_no_secret_in_chunked_runs(client, caplog, monkeypatch, django_capture_on_commit_callbacks):
+    from events import tasks as routing_tasks
+    from integrations import runs
+    from integrations import tasks as delivery_tasks
+
+    queued = []
+    for task in (delivery_tasks.deliver, delivery_tasks.send_due, routing_tasks.route_received):
+        monkeypatch.setattr(task, "apply_async", lambda *args, **options: queued.append((args, options)))
+    caplog.set_level(logging.DEBUG)
+    from integrations.standin import running_standin
+
+    with running_standin(status=503) as standin:
+        url = f"{standin.base_url}/inbound-event/v1/events/json/triggers?urlTokenId={URL_TOKEN}"
+        connection = ConnectionFactory(post_url=url, authorization=AUTHORIZATION, event_types=["custom_event"])
+        feed = FeedFactory()
+        with django_capture_on_commit_callbacks(execute=True):
+            client.post(
+                "/api/v1/mparticle/",
+                '{"events": [{"event_type": "custom_event", "data": {}}, {"event_type": "custom_event", "data": {}}]}',
+                content_type="application/json",
+                HTTP_AUTHORIZATION=feed.plain_secret,
+            )
+            router.route_next()
+            runs.run(connection.pk)
+
+    assert DeliveryAttempt.objects.filter(status_code=503).exists()
+    texts = [record.getMessage() for record in caplog.records] + [str(record.__dict__) for record in caplog.records]
+    texts += list(stored_texts()) + [repr(call) for call in queued]
+    for secret in SECRETS:
+        leaks = [text for text in texts if secret in text]
+        assert leaks == [], secret
